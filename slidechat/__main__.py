@@ -1,0 +1,4 @@
+from slidechat.cli import main
+import sys
+
+sys.exit(main())
