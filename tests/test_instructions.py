@@ -1,0 +1,187 @@
+"""Instruction assembly (real SlideInstruction example + SlideBench leakage guard) and demo data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slidechat import demo_data, instructions
+from slidechat.instructions import build_instructions, load_benchmark_slide_ids, normalize_slide_id
+
+EXAMPLE_IDS = ["TCGA-A7-A0CJ-01Z-00-DX2", "TCGA-AR-A255-01Z-00-DX1", "TCGA-A7-A6VV-01Z-00-DX2"]
+
+
+def _fake_store(path: Path) -> None:
+    """A feature file of the released SlideChat CSV layout (512 feature columns + patch_name)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([str(i) for i in range(512)] + ["patch_name"])
+        w.writerow([0.0] * 512 + ["0_0.jpeg"])
+
+
+def test_normalize_slide_id() -> None:
+    assert normalize_slide_id("TCGA-A7-A0CJ-01Z-00-DX2.csv") == "TCGA-A7-A0CJ-01Z-00-DX2"
+    assert normalize_slide_id("TCGA-LUSC/TCGA-21-1083-01Z-00-DX1.8288ca92-b611-4acf.pt") == "TCGA-21-1083-01Z-00-DX1"
+    assert normalize_slide_id("feats/demo-003.zarr") == "demo-003"
+    assert normalize_slide_id("my.slide.name.h5") == "my.slide.name"
+
+
+def test_real_example_missing_slides_and_leakage(vlm_data: Path, tmp_path: Path) -> None:
+    example = vlm_data / "slidechat_train_data_example.json"
+    feats = tmp_path / "features"
+    feats.mkdir()
+    # Features for two of the three slides; the third is missing.
+    (feats / f"{EXAMPLE_IDS[0]}.zarr").mkdir()
+    _fake_store(feats / f"{EXAMPLE_IDS[1]}.csv")
+    # A SlideBench-format CSV that lists slide 0 as an evaluation slide.
+    bench_csv = tmp_path / "bench.csv"
+    with open(bench_csv, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", "A", "B", "C", "D", "Answer"])
+        w.writerow([0, EXAMPLE_IDS[0], "BRCA", "Diagnosis", "x", "q?", "a", "b", "c", "d", "A"])
+    out = tmp_path / "train.json"
+    m = build_instructions(example, feats, out, exclude_benchmarks=[bench_csv, vlm_data / "slidebench_vqa_tcga_1494.json"])
+    kept = json.loads(out.read_text())
+    assert [r["slide_id"] for r in kept] == [EXAMPLE_IDS[1]]
+    assert kept[0]["features"].endswith(f"{EXAMPLE_IDS[1]}.csv")
+    assert kept[0]["conversations"][0]["value"].count("<image>") == 1
+    c = m["counts"]
+    assert (c["input"], c["kept"], c["missing_features"], c["leakage_removed"], c["malformed"]) == (3, 1, 1, 1, 0)
+    assert m["dropped"]["missing_features"][0]["slide_id"] == EXAMPLE_IDS[2]
+    assert m["dropped"]["leakage"][0]["slide_id"] == EXAMPLE_IDS[0]
+    assert m["exclude_benchmarks"][1]["slides"] == 591
+    on_disk = json.loads(instructions.manifest_path(out).read_text())
+    assert on_disk["counts"] == c and on_disk["inputs"][0]["sha256"] == instructions.sha256_file(example)
+
+
+def test_slidebench_json_slides_are_excluded(vlm_data: Path, tmp_path: Path) -> None:
+    bench = vlm_data / "slidebench_vqa_tcga_1494.json"
+    sid = json.loads(bench.read_text())["samples"][0]["slide_id"]
+    assert sid in load_benchmark_slide_ids(bench)
+    feats = tmp_path / "f"
+    feats.mkdir()
+    records = [{"id": f"r{i}", "image": [f"{s}.csv"], "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]} for i, s in enumerate([sid, "other"])]
+    for s in (sid, "other"):
+        _fake_store(feats / f"{s}.csv")
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(records))
+    m = build_instructions(src, feats, tmp_path / "o.json", exclude_benchmarks=[bench])
+    assert m["counts"]["kept"] == 1 and m["dropped"]["leakage"] == [{"id": "r0", "slide_id": sid}]
+
+
+def test_malformed_records_listed_not_fatal(tmp_path: Path) -> None:
+    feats = tmp_path / "f"
+    feats.mkdir()
+    _fake_store(feats / "s1.csv")
+    good = {"id": "ok", "image": ["s1.csv"], "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"},
+        {"from": "human", "value": "more?"}, {"from": "gpt", "value": "b"}]}
+    bad = [
+        {"id": "no-image-token", "image": ["s1.csv"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "two-slides", "image": ["s1.csv", "s2.csv"], "conversations": good["conversations"]},
+        {"id": "order", "image": ["s1.csv"], "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "a"}]},
+        {"id": "dangling", "image": ["s1.csv"], "conversations": good["conversations"][:3]},
+        "not a record",
+    ]
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([good, *bad]))
+    m = build_instructions(src, feats, tmp_path / "o.json")
+    assert m["counts"]["kept"] == 1
+    assert [d["id"] for d in m["dropped"]["malformed"]] == ["no-image-token", "two-slides", "order", "dangling", "#5"]
+
+
+def test_slide_map_other_naming(tmp_path: Path) -> None:
+    feats = tmp_path / "f"
+    (feats / "BRCA").mkdir(parents=True)
+    _fake_store(feats / "BRCA" / "slide-7.csv")  # one folder deep, as in TCGA_patch_feat/<TUMOR>/
+    smap = tmp_path / "map.csv"
+    smap.write_text("image,slide_id\ncase_7_scan.svs,slide-7\n")
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([{"id": "x", "image": "case_7_scan.svs", "conversations": [
+        {"from": "human", "value": "q <image>"}, {"from": "gpt", "value": "a"}]}]))
+    m = build_instructions(src, feats, tmp_path / "o.json", slide_map=smap)
+    assert m["counts"]["kept"] == 1
+    assert json.loads((tmp_path / "o.json").read_text())[0]["slide_id"] == "slide-7"
+
+
+def _labels(tmp_path: Path, per_class_train: int = 4, per_class_test: int = 3) -> Path:
+    path = tmp_path / "labels.csv"
+    rows = []
+    for c in ("adenocarcinoma", "lymphoid", "stroma"):
+        rows += [(c, "train")] * per_class_train + [(c, "test")] * per_class_test
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "path", "class_name", "split", "mpp"])
+        for i, (c, s) in enumerate(rows):
+            w.writerow([f"demo-{i:03d}", f"/x/demo-{i:03d}.svs", c, s, 0.25])
+    return path
+
+
+def test_demo_instructions(tmp_path: Path) -> None:
+    labels = _labels(tmp_path)
+    paths = demo_data.make_demo_instructions(labels, tmp_path / "out", seed=3)
+    with open(labels) as fh:
+        split = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    caps = json.loads(paths["stage1"].read_text())
+    vqa = json.loads(paths["stage2"].read_text())
+    for rec in caps + vqa:
+        assert instructions.validate_record(rec) is None
+        assert split[normalize_slide_id(rec["image"][0])]["split"] == "train"
+    # Multiple-choice answers: the letter points at the class's option; letters balanced.
+    letters = Counter()
+    for rec in vqa:
+        prompt, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        if "\nA. " not in prompt:
+            continue
+        options = dict(line.split(". ", 1) for line in prompt.split("\n")[2:])
+        letter, text = answer.split(". ", 1)
+        assert options[letter] == text
+        cls = split[normalize_slide_id(rec["image"][0])]["class_name"]
+        assert text in (demo_data.CLASS_TEXT[cls].diagnosis, demo_data.CLASS_TEXT[cls].morphology)
+        letters[letter] += 1
+    assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 1
+    with open(paths["benchmark"]) as fh:
+        bench = list(csv.DictReader(fh))
+    assert {b["Slide"] for b in bench} == {s for s, r in split.items() if r["split"] == "test"}
+    counts = Counter(b["Answer"] for b in bench)
+    assert max(counts.values()) / len(bench) <= 0.3  # majority-letter baseline stays near 25%
+    for b in bench:
+        cls = split[b["Slide"]]["class_name"]
+        assert b[b["Answer"]] in (demo_data.CLASS_TEXT[cls].diagnosis, demo_data.CLASS_TEXT[cls].morphology)
+    # The leakage guard of build-instructions recognises the demo benchmark's slides.
+    assert load_benchmark_slide_ids(paths["benchmark"]) == {b["Slide"] for b in bench}
+    assert "Adenocarcinoma" in paths["corpus"].read_text()
+    # Deterministic.
+    again = demo_data.make_demo_instructions(labels, tmp_path / "again", seed=3)
+    assert again["stage2"].read_text() == paths["stage2"].read_text()
+
+
+def test_demo_rejects_unknown_class(tmp_path: Path) -> None:
+    p = tmp_path / "labels.csv"
+    p.write_text("slide_id,path,class_name,split,mpp\ns,/x,melanoma,train,0.25\n")
+    with pytest.raises(ValueError, match="melanoma"):
+        demo_data.make_demo_instructions(p, tmp_path / "o")
+
+
+def test_cli(tmp_path: Path) -> None:
+    from slidechat.cli import main
+
+    labels = _labels(tmp_path, 2, 1)
+    assert main(["demo-instructions", "--labels", str(labels), "--out", str(tmp_path / "d")]) == 0
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for i in range(0, 9, 2):  # features for some slides only
+        (feats / f"demo-{i:03d}.zarr").mkdir()
+    rc = main(["build-instructions", "--input", str(tmp_path / "d" / "stage2_vqa.json"), "--features-dir", str(feats),
+               "--out", str(tmp_path / "s2.json"), "--exclude-benchmark", str(tmp_path / "d" / "slidebench_demo.csv")])
+    assert rc == 0
+    m = json.loads((tmp_path / "s2.manifest.json").read_text())
+    assert m["counts"]["kept"] + m["counts"]["missing_features"] == m["counts"]["input"]
+    assert m["counts"]["leakage_removed"] == 0  # the demo VQA holds train slides only
+    assert np.all([Path(r["features"]).name.endswith(".zarr") for r in json.loads((tmp_path / "s2.json").read_text())])
