@@ -14,6 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
@@ -31,6 +34,9 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=final.suffix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as any file
+    if is_dir:
+        os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if is_dir and final.exists():
