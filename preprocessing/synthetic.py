@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -200,6 +201,7 @@ def make_demo_slides(
     size: int = 4096,
     seed: int = 0,
     classes: tuple[str, ...] = CLASSES,
+    workers: int = 1,
 ) -> Path:
     """Generate the demo cohort and `labels.csv` (slide_id, path, class_name, split, mpp).
 
@@ -212,21 +214,31 @@ def make_demo_slides(
     plan = [(c, "train") for c in classes for _ in range(train_per_class)]
     plan += [(c, "test") for c in classes for _ in range(test_per_class)]
     order = rng.permutation(len(plan))
-    rows = []
+    rows, jobs = [], []
     for index, k in enumerate(order):
         class_name, split = plan[k]
         slide_id = f"demo-{index:03d}"
-        scene = Scene.random(size, size, class_name, seed=seed * 1000 + index)
         path = out_dir / f"{slide_id}.svs"
         if not path.exists():
-            write_synthetic_svs(path, scene, mpp=0.25)
+            jobs.append((path, size, class_name, seed * 1000 + index))
         rows.append({"slide_id": slide_id, "path": str(path), "class_name": class_name, "split": split, "mpp": 0.25})
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_demo_slide, jobs))
+    else:
+        for job in jobs:
+            _write_demo_slide(job)
     labels = out_dir / "labels.csv"
     with atomic_path(labels) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["slide_id", "path", "class_name", "split", "mpp"])
         writer.writeheader()
         writer.writerows(rows)
     return labels
+
+
+def _write_demo_slide(job: tuple[Path, int, str, int]) -> None:
+    path, size, class_name, seed = job
+    write_synthetic_svs(path, Scene.random(size, size, class_name, seed=seed), mpp=0.25)
 
 
 def main(argv: list[str]) -> int:
@@ -236,6 +248,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--test-per-class", type=int, default=3)
     parser.add_argument("--size", type=int, default=4096, help="level-0 width and height in px")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="processes writing demo slides in parallel")
     parser.add_argument("--single", metavar="CLASS", help="write one slide of this class to --out (a .svs path)")
     parser.add_argument("--blank", action="store_true", help="write one slide with no tissue to --out")
     parser.add_argument("--width", type=int, help="with --single/--blank: level-0 width (default --size)")
@@ -252,5 +265,5 @@ def main(argv: list[str]) -> int:
         scene = Scene.random(width, height, args.single, args.seed)
         write_synthetic_svs(args.out, scene, mpp=args.mpp, downsamples=tuple(args.downsamples))
     else:
-        print(make_demo_slides(args.out, args.train_per_class, args.test_per_class, args.size, args.seed))
+        print(make_demo_slides(args.out, args.train_per_class, args.test_per_class, args.size, args.seed, workers=args.workers))
     return 0

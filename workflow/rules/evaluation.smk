@@ -1,0 +1,49 @@
+# SlideBench-style evaluation of the stage-2 model, one job per benchmark file.
+
+
+rule evaluate_benchmark:
+    input:
+        benchmark=benchmark_file,
+        model=rules.train_stage2.output.model,
+        llm=llm_dir(),
+        stores=all_feature_stores,
+        manifest=f"{INSTR_DIR}/stage2.manifest.json",
+    output:
+        outputs=f"{EVAL_DIR}/{{benchmark}}/outputs.csv",
+        metrics=f"{EVAL_DIR}/{{benchmark}}/metrics.json",
+        report_md=f"{EVAL_DIR}/{{benchmark}}/report.md",
+        report_html=report(
+            f"{EVAL_DIR}/{{benchmark}}/report.html",
+            category="4. Evaluation",
+            labels={"benchmark": "{benchmark}", "what": "report"},
+        ),
+        chart=report(
+            f"{EVAL_DIR}/{{benchmark}}/category_accuracy.png",
+            category="4. Evaluation",
+            labels={"benchmark": "{benchmark}", "what": "per-category accuracy"},
+        ),
+    params:
+        out=f"{EVAL_DIR}/{{benchmark}}",
+        max_new_tokens=config["evaluation"]["max_new_tokens"],
+        letter="--answer-with-letter" if config["evaluation"]["answer_with_letter"] else "",
+        max_patches=config["model"]["max_patches_infer"],
+    log:
+        f"{LOG_DIR}/evaluate/{{benchmark}}.log",
+    benchmark:
+        f"{BENCH_DIR}/evaluate/{{benchmark}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=12 * 60,
+        gpu=1,
+    conda:
+        "../../envs/training.yaml"
+    shell:
+        "slidechat evaluate --benchmark {input.benchmark} --features-dir {FEATURE_DIR} --model {input.model} "
+        "--llm {input.llm} --out-dir {params.out} --train-manifest {input.manifest} "
+        "--max-new-tokens {params.max_new_tokens} --max-patches {params.max_patches} {params.letter} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        expand(rules.evaluate_benchmark.output.metrics, benchmark=benchmarks()),

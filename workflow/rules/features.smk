@@ -1,0 +1,39 @@
+# Patch features per slide into a store named by the feature set (encoder, transform, mpp, size).
+
+
+rule extract_features_slide:
+    input:
+        slide=slide_path,
+        coords=rules.tile_slide.output.coords,
+    output:
+        store=directory(f"{FEATURE_DIR}/{{slide}}.zarr") if FEATURE_EXT == "zarr" else f"{FEATURE_DIR}/{{slide}}.h5",
+    params:
+        mpp=mpp_arg,
+        encoder=config["features"]["encoder"],
+        checkpoint=lambda wc: f"--checkpoint {encoder_checkpoint()}" if encoder_checkpoint() else "",
+        transform=f"--transform {config['features']['transform']}" if config["features"]["transform"] else "",
+        fmt=config["features"]["format"],
+        dtype=config["features"]["dtype"],
+        batch_size=config["features"]["batch_size"],
+        workers=config["features"]["num_workers"],
+    log:
+        f"{LOG_DIR}/extract_features/{{slide}}.log",
+    benchmark:
+        f"{BENCH_DIR}/extract_features/{{slide}}.tsv"
+    threads: max(1, config["features"]["num_workers"])
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    conda:
+        "../../envs/features.yaml"
+    shell:
+        "python -m preprocessing extract --slide {input.slide} --coords {input.coords} "
+        "--encoder {params.encoder} {params.checkpoint} {params.transform} --out {FEATURE_DIR} "
+        "--format {params.fmt} --dtype {params.dtype} --batch-size {params.batch_size} "
+        "--num-workers {params.workers} {params.mpp} > {log} 2>&1"
+
+
+rule extract_features:
+    input:
+        all_feature_stores,

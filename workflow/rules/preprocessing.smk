@@ -1,0 +1,74 @@
+# Tissue segmentation and tiling, one job per slide, with wildcard-free aggregate targets.
+
+
+rule segment_tissue_slide:
+    input:
+        slide=slide_path,
+    output:
+        mask=f"{SEG_DIR}/{{slide}}_mask.png",
+        thumbnail=report(
+            f"{SEG_DIR}/{{slide}}_thumbnail.png",
+            category="1. Slides",
+            subcategory="Tissue contours",
+            labels={"slide": "{slide}"},
+        ),
+        geojson=f"{SEG_DIR}/{{slide}}.geojson",
+        summary=f"{SEG_DIR}/{{slide}}_segmentation.json",
+    params:
+        mpp=mpp_arg,
+        seg=segmentation_args(),
+    log:
+        f"{LOG_DIR}/segment_tissue/{{slide}}.log",
+    benchmark:
+        f"{BENCH_DIR}/segment_tissue/{{slide}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+        gpu=0,
+    conda:
+        "../../envs/preprocessing.yaml"
+    shell:
+        "python -m preprocessing segment --slide {input.slide} --out {SEG_DIR} {params.mpp} {params.seg} > {log} 2>&1"
+
+
+rule segment_tissue:
+    input:
+        expand(rules.segment_tissue_slide.output.summary, slide=SLIDES),
+
+
+rule tile_slide:
+    input:
+        slide=slide_path,
+        mask=rules.segment_tissue_slide.output.mask,
+    output:
+        coords=f"{PATCH_DIR}/{{slide}}.h5",
+        patches=report(
+            f"{PATCH_DIR}/{{slide}}_patches.png",
+            category="1. Slides",
+            subcategory="Kept patches",
+            labels={"slide": "{slide}"},
+        ),
+        summary=f"{PATCH_DIR}/{{slide}}_tiling.json",
+    params:
+        mpp=mpp_arg,
+        tiling=tiling_args(),
+    log:
+        f"{LOG_DIR}/tile/{{slide}}.log",
+    benchmark:
+        f"{BENCH_DIR}/tile/{{slide}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+        gpu=0,
+    conda:
+        "../../envs/preprocessing.yaml"
+    shell:
+        "python -m preprocessing tile --slide {input.slide} --out {PATCH_DIR} --seg-dir {SEG_DIR} "
+        "{params.mpp} {params.tiling} > {log} 2>&1"
+
+
+rule tile:
+    input:
+        expand(rules.tile_slide.output.coords, slide=SLIDES),
