@@ -19,7 +19,9 @@ wildcard_constraints:
 
 
 def _demo_slides():
-    n = DEMO_CLASSES * (config["demo"]["train_per_class"] + config["demo"]["test_per_class"])
+    n = DEMO_CLASSES * (
+        config["demo"]["train_per_class"] + config["demo"]["test_per_class"]
+    )
     return {f"demo-{i:03d}": f"{DEMO_DIR}/slides/demo-{i:03d}.svs" for i in range(n)}
 
 
@@ -40,10 +42,14 @@ def _discovered_slides(folder, extensions):
     found = {}
     for ext in extensions:
         for variant in sorted({ext.lower(), ext.upper()}):
-            for slide_id in glob_wildcards(f"{folder}/{{slide_id,[^/]+}}.{variant}").slide_id:
+            for slide_id in glob_wildcards(
+                f"{folder}/{{slide_id,[^/]+}}.{variant}"
+            ).slide_id:
                 path = f"{folder}/{slide_id}.{variant}"
                 if slide_id in found and found[slide_id] != path:
-                    raise ValueError(f"slide id {slide_id!r} is ambiguous: {found[slide_id]} and {path}")
+                    raise ValueError(
+                        f"slide id {slide_id!r} is ambiguous: {found[slide_id]} and {path}"
+                    )
                 found[slide_id] = path
     return dict(sorted(found.items()))
 
@@ -78,7 +84,9 @@ LOG_DIR = f"{RESULTS}/logs"
 BENCH_DIR = f"{RESULTS}/benchmarks"
 INSTR_DIR = f"{RESULTS}/instructions"
 MODEL_DIR = f"{RESULTS}/models"
-CKPT_DIR = f"{RESULTS}/checkpoints"  # training checkpoints: deliberately not a declared output
+CKPT_DIR = (
+    f"{RESULTS}/checkpoints"  # training checkpoints: deliberately not a declared output
+)
 EVAL_DIR = f"{RESULTS}/eval"
 
 
@@ -117,7 +125,9 @@ def all_feature_stores(wildcards=None):
 def encoder_checkpoint():
     ckpt = config["features"]["checkpoint"]
     if config["features"]["encoder"] == "conch_v1" and not ckpt:
-        raise ValueError("features.checkpoint is required for encoder conch_v1 (CONCH's pytorch_model.bin)")
+        raise ValueError(
+            "features.checkpoint is required for encoder conch_v1 (CONCH's pytorch_model.bin)"
+        )
     if ckpt and not Path(ckpt).exists():
         raise ValueError(f"features.checkpoint: file not found: {ckpt}")
     return ckpt
@@ -130,7 +140,9 @@ def llm_dir():
         return config["llm"]["path"]
     if DEMO:
         return f"{DEMO_DIR}/tiny_llm"
-    raise ValueError("llm.path is required (a local Hugging Face model directory) unless demo.enabled is true")
+    raise ValueError(
+        "llm.path is required (a local Hugging Face model directory) unless demo.enabled is true"
+    )
 
 
 def instruction_source(stage):
@@ -138,19 +150,50 @@ def instruction_source(stage):
     if config["instructions"][key]:
         return config["instructions"][key]
     if DEMO:
-        return f"{DEMO_DIR}/instructions/" + ("stage1_captions.json" if stage == "1" else "stage2_vqa.json")
-    raise ValueError(f"instructions.{key} is required (SlideInstruction JSON) unless demo.enabled is true")
+        return f"{DEMO_DIR}/instructions/" + (
+            "stage1_captions.json" if stage == "1" else "stage2_vqa.json"
+        )
+    raise ValueError(
+        f"instructions.{key} is required (SlideInstruction JSON) unless demo.enabled is true"
+    )
 
 
 def benchmarks():
     found = dict(config["evaluation"]["benchmarks"])
     if DEMO:
-        found.setdefault("demo_slidebench", f"{DEMO_DIR}/instructions/slidebench_demo.csv")
+        found.setdefault(
+            "demo_slidebench", f"{DEMO_DIR}/instructions/slidebench_demo.csv"
+        )
     return found
 
 
 def benchmark_file(wildcards):
     return benchmarks()[wildcards.benchmark]
+
+
+def train_args(stage):
+    s = config["train"][f"stage{stage}"]
+    args = [
+        f"--{k.replace('_', '-')} {v}" for k, v in s.items() if not isinstance(v, bool)
+    ]
+    args += [f"--{k.replace('_', '-')}" for k, v in s.items() if v is True]
+    m = config["model"]
+    args += [f"--context {m['context']}", f"--max-patches {m['max_patches_train']}"]
+    if m["bypass_slide_encoder"]:
+        args.append("--bypass-slide-encoder")
+    if config["train"]["deepspeed"]:
+        args.append(f"--deepspeed {config['train']['deepspeed']}")
+    if config["train"]["gpus_per_node"]:
+        args.append(f"--gpus-per-node {config['train']['gpus_per_node']}")
+    return " ".join(args)
+
+
+def parent_dir(path):
+    return str(Path(path).parent)
+
+
+def features_dir_of(wildcards, input):
+    return parent_dir(input.stores[0])
 
 
 def report_inputs():

@@ -6,23 +6,23 @@ rule make_demo_slides:
     output:
         slides=[SLIDES[s] for s in SLIDES] if DEMO else [],
         labels=f"{DEMO_DIR}/slides/labels.csv",
-    params:
-        out=f"{DEMO_DIR}/slides",
-        train=config["demo"]["train_per_class"],
-        test=config["demo"]["test_per_class"],
-        size=config["demo"]["size"],
-        seed=config["demo"]["seed"],
     log:
         f"{LOG_DIR}/make_demo_slides.log",
     benchmark:
         f"{BENCH_DIR}/make_demo_slides.tsv"
+    conda:
+        "../../envs/preprocessing.yaml"
     threads: 2
     resources:
         mem_mb=2000,
         runtime=30,
         gpu=0,
-    conda:
-        "../../envs/preprocessing.yaml"
+    params:
+        out=lambda wildcards, output: parent_dir(output.labels),
+        train=config["demo"]["train_per_class"],
+        test=config["demo"]["test_per_class"],
+        size=config["demo"]["size"],
+        seed=config["demo"]["seed"],
     shell:
         "python -m preprocessing synth --out {params.out} --train-per-class {params.train} "
         "--test-per-class {params.test} --size {params.size} --seed {params.seed} --workers {threads} > {log} 2>&1"
@@ -36,18 +36,18 @@ rule make_demo_instructions:
         stage2=f"{DEMO_DIR}/instructions/stage2_vqa.json",
         benchmark=f"{DEMO_DIR}/instructions/slidebench_demo.csv",
         corpus=f"{DEMO_DIR}/instructions/corpus.txt",
-    params:
-        out=f"{DEMO_DIR}/instructions",
-        seed=config["demo"]["seed"],
     log:
         f"{LOG_DIR}/make_demo_instructions.log",
+    conda:
+        "../../envs/training.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
         gpu=0,
-    conda:
-        "../../envs/training.yaml"
+    params:
+        out=lambda wildcards, output: parent_dir(output.corpus),
+        seed=config["demo"]["seed"],
     shell:
         "slidechat demo-instructions --labels {input.labels} --out {params.out} --seed {params.seed} > {log} 2>&1"
 
@@ -57,21 +57,21 @@ rule make_tiny_llm:
         corpus=rules.make_demo_instructions.output.corpus,
     output:
         directory(f"{DEMO_DIR}/tiny_llm"),
+    log:
+        f"{LOG_DIR}/make_tiny_llm.log",
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+        gpu=0,
     params:
         vocab=config["llm"]["tiny"]["vocab_size"],
         hidden=config["llm"]["tiny"]["hidden_size"],
         layers=config["llm"]["tiny"]["num_layers"],
         heads=config["llm"]["tiny"]["num_heads"],
         seed=config["demo"]["seed"],
-    log:
-        f"{LOG_DIR}/make_tiny_llm.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=5,
-        gpu=0,
-    conda:
-        "../../envs/training.yaml"
     shell:
         "slidechat make-tiny-llm --out {output} --corpus {input.corpus} --vocab-size {params.vocab} "
         "--hidden-size {params.hidden} --num-layers {params.layers} --num-heads {params.heads} "

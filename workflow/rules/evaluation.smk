@@ -22,24 +22,29 @@ rule evaluate_benchmark:
             category="4. Evaluation",
             labels={"benchmark": "{benchmark}", "what": "per-category accuracy"},
         ),
-    params:
-        out=f"{EVAL_DIR}/{{benchmark}}",
-        max_new_tokens=config["evaluation"]["max_new_tokens"],
-        letter="--answer-with-letter" if config["evaluation"]["answer_with_letter"] else "",
-        max_patches=config["model"]["max_patches_infer"],
     log:
         f"{LOG_DIR}/evaluate/{{benchmark}}.log",
     benchmark:
         f"{BENCH_DIR}/evaluate/{{benchmark}}.tsv"
+    conda:
+        "../../envs/training.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=12 * 60,
         gpu=1,
-    conda:
-        "../../envs/training.yaml"
+    params:
+        out=lambda wildcards, output: parent_dir(output.metrics),
+        features_dir=features_dir_of,
+        max_new_tokens=config["evaluation"]["max_new_tokens"],
+        letter=(
+            "--answer-with-letter"
+            if config["evaluation"]["answer_with_letter"]
+            else ""
+        ),
+        max_patches=config["model"]["max_patches_infer"],
     shell:
-        "slidechat evaluate --benchmark {input.benchmark} --features-dir {FEATURE_DIR} --model {input.model} "
+        "slidechat evaluate --benchmark {input.benchmark} --features-dir {params.features_dir} --model {input.model} "
         "--llm {input.llm} --out-dir {params.out} --train-manifest {input.manifest} "
         "--max-new-tokens {params.max_new_tokens} --max-patches {params.max_patches} {params.letter} > {log} 2>&1"
 

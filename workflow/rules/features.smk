@@ -6,30 +6,41 @@ rule extract_features_slide:
         slide=slide_path,
         coords=rules.tile_slide.output.coords,
     output:
-        store=directory(f"{FEATURE_DIR}/{{slide}}.zarr") if FEATURE_EXT == "zarr" else f"{FEATURE_DIR}/{{slide}}.h5",
-    params:
-        mpp=mpp_arg,
-        encoder=config["features"]["encoder"],
-        checkpoint=lambda wc: f"--checkpoint {encoder_checkpoint()}" if encoder_checkpoint() else "",
-        transform=f"--transform {config['features']['transform']}" if config["features"]["transform"] else "",
-        fmt=config["features"]["format"],
-        dtype=config["features"]["dtype"],
-        batch_size=config["features"]["batch_size"],
-        workers=config["features"]["num_workers"],
+        store=(
+            directory(f"{FEATURE_DIR}/{{slide}}.zarr")
+            if FEATURE_EXT == "zarr"
+            else f"{FEATURE_DIR}/{{slide}}.h5"
+        ),
     log:
         f"{LOG_DIR}/extract_features/{{slide}}.log",
     benchmark:
         f"{BENCH_DIR}/extract_features/{{slide}}.tsv"
+    conda:
+        "../../envs/features.yaml"
     threads: max(1, config["features"]["num_workers"])
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=1,
-    conda:
-        "../../envs/features.yaml"
+    params:
+        out=lambda wildcards, output: parent_dir(output.store),
+        mpp=mpp_arg,
+        encoder=config["features"]["encoder"],
+        checkpoint=lambda wc: (
+            f"--checkpoint {encoder_checkpoint()}" if encoder_checkpoint() else ""
+        ),
+        transform=(
+            f"--transform {config['features']['transform']}"
+            if config["features"]["transform"]
+            else ""
+        ),
+        fmt=config["features"]["format"],
+        dtype=config["features"]["dtype"],
+        batch_size=config["features"]["batch_size"],
+        workers=config["features"]["num_workers"],
     shell:
         "python -m preprocessing extract --slide {input.slide} --coords {input.coords} "
-        "--encoder {params.encoder} {params.checkpoint} {params.transform} --out {FEATURE_DIR} "
+        "--encoder {params.encoder} {params.checkpoint} {params.transform} --out {params.out} "
         "--format {params.fmt} --dtype {params.dtype} --batch-size {params.batch_size} "
         "--num-workers {params.workers} {params.mpp} > {log} 2>&1"
 

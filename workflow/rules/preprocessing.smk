@@ -14,22 +14,23 @@ rule segment_tissue_slide:
         ),
         geojson=f"{SEG_DIR}/{{slide}}.geojson",
         summary=f"{SEG_DIR}/{{slide}}_segmentation.json",
-    params:
-        mpp=mpp_arg,
-        seg=segmentation_args(),
     log:
         f"{LOG_DIR}/segment_tissue/{{slide}}.log",
     benchmark:
         f"{BENCH_DIR}/segment_tissue/{{slide}}.tsv"
+    conda:
+        "../../envs/preprocessing.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=15,
         gpu=0,
-    conda:
-        "../../envs/preprocessing.yaml"
+    params:
+        out=lambda wildcards, output: parent_dir(output.summary),
+        mpp=mpp_arg,
+        seg=segmentation_args(),
     shell:
-        "python -m preprocessing segment --slide {input.slide} --out {SEG_DIR} {params.mpp} {params.seg} > {log} 2>&1"
+        "python -m preprocessing segment --slide {input.slide} --out {params.out} {params.mpp} {params.seg} > {log} 2>&1"
 
 
 rule segment_tissue:
@@ -50,22 +51,24 @@ rule tile_slide:
             labels={"slide": "{slide}"},
         ),
         summary=f"{PATCH_DIR}/{{slide}}_tiling.json",
-    params:
-        mpp=mpp_arg,
-        tiling=tiling_args(),
     log:
         f"{LOG_DIR}/tile/{{slide}}.log",
     benchmark:
         f"{BENCH_DIR}/tile/{{slide}}.tsv"
+    conda:
+        "../../envs/preprocessing.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=15,
         gpu=0,
-    conda:
-        "../../envs/preprocessing.yaml"
+    params:
+        out=lambda wildcards, output: parent_dir(output.coords),
+        seg_dir=lambda wildcards, input: parent_dir(input.mask),
+        mpp=mpp_arg,
+        tiling=tiling_args(),
     shell:
-        "python -m preprocessing tile --slide {input.slide} --out {PATCH_DIR} --seg-dir {SEG_DIR} "
+        "python -m preprocessing tile --slide {input.slide} --out {params.out} --seg-dir {params.seg_dir} "
         "{params.mpp} {params.tiling} > {log} 2>&1"
 
 

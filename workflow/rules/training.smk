@@ -2,21 +2,6 @@
 # deletes a rule's outputs before rerunning it; a killed run resumes from there.
 
 
-def train_args(stage):
-    s = config["train"][f"stage{stage}"]
-    args = [f"--{k.replace('_', '-')} {v}" for k, v in s.items() if not isinstance(v, bool)]
-    args += [f"--{k.replace('_', '-')}" for k, v in s.items() if v is True]
-    m = config["model"]
-    args += [f"--context {m['context']}", f"--max-patches {m['max_patches_train']}"]
-    if m["bypass_slide_encoder"]:
-        args.append("--bypass-slide-encoder")
-    if config["train"]["deepspeed"]:
-        args.append(f"--deepspeed {config['train']['deepspeed']}")
-    if config["train"]["gpus_per_node"]:
-        args.append(f"--gpus-per-node {config['train']['gpus_per_node']}")
-    return " ".join(args)
-
-
 rule train_stage1:
     input:
         data=f"{INSTR_DIR}/stage1.json",
@@ -24,23 +9,32 @@ rule train_stage1:
         stores=all_feature_stores,
     output:
         model=directory(f"{MODEL_DIR}/stage1"),
-        curves=report(f"{RESULTS}/training/stage1_curves.png", category="3. Training", labels={"stage": "1"}),
-    params:
-        args=train_args("1"),
-        work=f"{CKPT_DIR}/stage1",
+        curves=report(
+            f"{RESULTS}/training/stage1_curves.png",
+            category="3. Training",
+            labels={"stage": "1"},
+        ),
     log:
         f"{LOG_DIR}/train_stage1.log",
     benchmark:
         f"{BENCH_DIR}/train_stage1.tsv"
+    conda:
+        "../../envs/training.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=24 * 60,
-        gpu=max(1, config["train"]["gpus_per_node"]) if config["train"]["gpus_per_node"] else 0,
-    conda:
-        "../../envs/training.yaml"
+        gpu=(
+            max(1, config["train"]["gpus_per_node"])
+            if config["train"]["gpus_per_node"]
+            else 0
+        ),
+    params:
+        features_dir=features_dir_of,
+        args=train_args("1"),
+        work=f"{CKPT_DIR}/stage1",
     shell:
-        "slidechat train --stage 1 --data {input.data} --features-dir {FEATURE_DIR} --llm {input.llm} "
+        "slidechat train --stage 1 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
         "--out {output.model} --work-dir {params.work} --curves {output.curves} {params.args} > {log} 2>&1"
 
 
@@ -52,22 +46,31 @@ rule train_stage2:
         stores=all_feature_stores,
     output:
         model=directory(f"{MODEL_DIR}/stage2"),
-        curves=report(f"{RESULTS}/training/stage2_curves.png", category="3. Training", labels={"stage": "2"}),
-    params:
-        args=train_args("2"),
-        work=f"{CKPT_DIR}/stage2",
+        curves=report(
+            f"{RESULTS}/training/stage2_curves.png",
+            category="3. Training",
+            labels={"stage": "2"},
+        ),
     log:
         f"{LOG_DIR}/train_stage2.log",
     benchmark:
         f"{BENCH_DIR}/train_stage2.tsv"
+    conda:
+        "../../envs/training.yaml"
     threads: 2
     resources:
         mem_mb=32000,
         runtime=48 * 60,
-        gpu=max(1, config["train"]["gpus_per_node"]) if config["train"]["gpus_per_node"] else 0,
-    conda:
-        "../../envs/training.yaml"
+        gpu=(
+            max(1, config["train"]["gpus_per_node"])
+            if config["train"]["gpus_per_node"]
+            else 0
+        ),
+    params:
+        features_dir=features_dir_of,
+        args=train_args("2"),
+        work=f"{CKPT_DIR}/stage2",
     shell:
-        "slidechat train --stage 2 --data {input.data} --features-dir {FEATURE_DIR} --llm {input.llm} "
+        "slidechat train --stage 2 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
         "--init {input.init} --out {output.model} --work-dir {params.work} --curves {output.curves} "
         "{params.args} > {log} 2>&1"
