@@ -1,0 +1,302 @@
+"""LongNet slide encoder in plain PyTorch (dilated attention on `scaled_dot_product_attention` kernels).
+
+A re-implementation of the encoder SlideChat builds with
+`make_longnet_from_name("LongNet_2_layers_512_dim")` from its vendored torchscale fork, written so
+that the released weights load under the same parameter names and give the same outputs:
+
+* pre-norm encoder layers with sub-LN: `self_attn_layer_norm` -> q/k/v projections -> dilated
+  attention -> `self_attn.inner_attn_ln` -> `out_proj` -> dropout -> drop-path -> residual;
+  `final_layer_norm` -> `ffn.fc1` -> GELU (computed in fp32) -> `ffn.ffn_layernorm` -> `ffn.fc2`
+  -> dropout -> drop-path -> residual; a final `layer_norm`; no positional embedding, embedding
+  scale 1.0, dropout on the input embeddings.
+* dilated attention, one branch per (segment length, dilation ratio) pair: the (zero-padded)
+  sequence is cut into segments of `min(segment_length, L)`; within a segment, head `j` keeps the
+  positions `p` with `p % ratio == j // ceil(H / ratio)` (heads are grouped in order; a group may
+  be empty when `ratio > H`); each segment is padded with zero keys/values up to a multiple of the
+  ratio, and those zero keys *take part* in the softmax (score 0, value 0) exactly as in the
+  original, which ran flash attention without a padding mask.
+* branch outputs are combined with weights `softmax_b(lse_b)` where `lse_b` is the branch's
+  log-sum-exp (the softmax normaliser); positions a head does not own in a branch get
+  `lse = -1e8`, and, as in the original, so does any `lse` that is exactly 0. The weights are
+  computed without gradient (the original wraps them in `torch.no_grad()`).
+
+Time and memory are linear in the sequence length: every branch touches each position once, and
+a query attends to at most `segment_length / ratio` keys per branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# The original marks positions a head does not cover in a branch with this log-normaliser.
+_LSE_MASK = -1e8
+
+
+@dataclass
+class LongNetConfig:
+    """Settings of the LongNet encoder; defaults are SlideChat's `LongNet_2_layers_512_dim` as built."""
+
+    embed_dim: int = 512
+    ffn_dim: int = 1024
+    num_heads: int = 8
+    num_layers: int = 2
+    segment_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
+    dilated_ratios: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    dropout: float = 0.1
+    drop_path_rate: float = 0.1
+    attention_dropout: float = 0.0
+    layernorm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.segment_lengths = [int(s) for s in self.segment_lengths]
+        self.dilated_ratios = [int(r) for r in self.dilated_ratios]
+        if len(self.segment_lengths) != len(self.dilated_ratios) or not self.segment_lengths:
+            raise ValueError("segment_lengths and dilated_ratios must be non-empty and of equal length")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if min(self.segment_lengths) < 1 or min(self.dilated_ratios) < 1:
+            raise ValueError("segment lengths and dilation ratios must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# attention kernels that also return the log-sum-exp
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Softmax attention over the last two dims of `q, k, v` ([B, H, L, d]); returns (out, lse [B, H, L]).
+
+    Uses PyTorch's fused SDPA kernels (the ones behind `F.scaled_dot_product_attention`), which also
+    return the softmax normaliser: the flash kernel on CPU and for fp16/bf16 on CUDA, the
+    memory-efficient kernel for fp32 on CUDA. Falls back to explicit math elsewhere.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p=dropout_p)
+        return out, lse
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p=dropout_p)
+            return res[0], res[1]
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, compute_log_sumexp=True, dropout_p=dropout_p
+        )
+        return res[0], res[1][..., : q.shape[-2]]
+    return attention_with_lse_math(q, k, v, dropout_p)
+
+
+def attention_with_lse_math(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Reference softmax attention with log-sum-exp, computed explicitly in fp32."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v.float()).to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------
+# dilated attention
+
+
+def _branch_index(seq_len: int, segment_length: int, ratio: int, num_heads: int, device: torch.device) -> Tensor:
+    """Dense position of every (segment, sparse slot, head) of one branch; `seq_len` marks a zero slot.
+
+    Returns a LongTensor [n_segments, slots, H]. Slot `t` of head `j` in segment `s` is position
+    `s * seg + r_j + t * ratio` with `seg = min(segment_length, seq_len)` and
+    `r_j = j // ceil(H / ratio)`; slots that fall into the padding (past the segment end, or past
+    the sequence end) point at the zero row `seq_len`.
+    """
+    seg = min(segment_length, seq_len)
+    n_seg = -(-seq_len // seg)
+    slots = -(-seg // ratio)
+    heads_per_group = -(-num_heads // ratio)  # ceil(H / ratio): head padding to a multiple of ratio
+    offset = torch.arange(num_heads, device=device) // heads_per_group  # r_j < ratio
+    t = torch.arange(slots, device=device)
+    within = offset[None, :] + t[:, None] * ratio  # [slots, H], position inside the segment
+    pos = torch.arange(n_seg, device=device)[:, None, None] * seg + within[None]  # [n_seg, slots, H]
+    invalid = (within[None] >= seg) | (pos >= seq_len)
+    return pos.masked_fill(invalid, seq_len)
+
+
+class DilatedAttention(nn.Module):
+    """LongNet multi-branch dilated self-attention with the torchscale parameter names."""
+
+    def __init__(self, cfg: LongNetConfig) -> None:
+        super().__init__()
+        self.embed_dim = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.segment_lengths = list(cfg.segment_lengths)
+        self.dilated_ratios = list(cfg.dilated_ratios)
+        self.attention_dropout = cfg.attention_dropout
+        d = cfg.embed_dim
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.q_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.inner_attn_ln = nn.LayerNorm(d, eps=cfg.layernorm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        bsz, seq_len, _ = x.shape
+        h, hd = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(bsz, seq_len, h, hd)
+        k = self.k_proj(x).view(bsz, seq_len, h, hd)
+        v = self.v_proj(x).view(bsz, seq_len, h, hd)
+        attn = dilated_attention(
+            q, k, v, self.segment_lengths, self.dilated_ratios,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        attn = self.inner_attn_ln(attn.reshape(bsz, seq_len, self.embed_dim))
+        return self.out_proj(attn)
+
+
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: list[int],
+    dilated_ratios: list[int],
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """LongNet dilated attention on projected `q, k, v` of shape [B, L, H, d]; returns [B, L, H, d].
+
+    Each branch gathers its sparse segments with one index (zero rows stand for the padding the
+    original adds), runs fused attention on them, and scatters outputs and normalisers back.
+    """
+    bsz, seq_len, h, hd = q.shape
+    zero = q.new_zeros(bsz, 1, h, hd)
+    # one extra all-zero row at position L: the target of every padded slot
+    qz, kz, vz = (torch.cat([t, zero], dim=1) for t in (q, k, v))
+    heads = torch.arange(h, device=q.device)
+    outs: list[Tensor] = []
+    lses: list[Tensor] = []
+    for seg_len, ratio in zip(segment_lengths, dilated_ratios):
+        idx = _branch_index(seq_len, seg_len, ratio, h, q.device)  # [n, m, H]
+        n_seg, slots, _ = idx.shape
+
+        def gather(t: Tensor) -> Tensor:
+            g = t[:, idx, heads]  # [B, n, m, H, d]
+            return g.reshape(bsz * n_seg, slots, h, hd).transpose(1, 2)  # [B*n, H, m, d]
+
+        o, lse = attention_with_lse(gather(qz), gather(kz), gather(vz), dropout_p)
+        o = o.transpose(1, 2).reshape(bsz, n_seg, slots, h, hd)
+        lse = lse.transpose(1, 2).reshape(bsz, n_seg, slots, h).float()
+        # as in the original: a normaliser of exactly 0 is treated like "not covered"
+        lse = lse.masked_fill(lse == 0, _LSE_MASK)
+        # scatter back; every padded slot lands on the extra row L, which is dropped
+        dense_o = q.new_zeros(bsz, seq_len + 1, h, hd)
+        dense_o[:, idx, heads] = o
+        dense_lse = torch.full((bsz, seq_len + 1, h), _LSE_MASK, dtype=torch.float32, device=q.device)
+        dense_lse[:, idx, heads] = lse
+        outs.append(dense_o[:, :seq_len])
+        lses.append(dense_lse[:, :seq_len])
+
+    # combine branches by their softmax normalisers; no gradient through the weights (as original)
+    with torch.no_grad():
+        stacked = torch.stack(lses, dim=0)
+        weights = torch.softmax(stacked, dim=0)
+    out = 0
+    for o, w in zip(outs, weights):
+        out = out + o * w.unsqueeze(-1).to(o.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder
+
+
+class FeedForwardNetwork(nn.Module):
+    """fc1 -> GELU (fp32) -> sub-LN -> fc2 -> dropout, as torchscale's FFN with subln."""
+
+    def __init__(self, cfg: LongNetConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
+        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim, eps=cfg.layernorm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(x)
+        x = F.gelu(x.float()).type_as(x)
+        x = self.ffn_layernorm(x)
+        return self.dropout(self.fc2(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm semantics: surviving samples are scaled by 1/keep)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LongNetEncoderLayer(nn.Module):
+    def __init__(self, cfg: LongNetConfig, depth: int) -> None:
+        super().__init__()
+        self.self_attn = DilatedAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        # per-layer rate: linspace(0, rate, layers)[depth], as torchscale
+        rate = cfg.drop_path_rate * depth / (cfg.num_layers - 1) if cfg.num_layers > 1 else 0.0
+        self.drop_path = DropPath(rate)
+        self.ffn = FeedForwardNetwork(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x
+        x = self.self_attn(self.self_attn_layer_norm(x))
+        x = residual + self.drop_path(self.dropout(x))
+        residual = x
+        x = self.ffn(self.final_layer_norm(x))
+        return residual + self.drop_path(x)
+
+
+class LongNetEncoder(nn.Module):
+    """LongNet encoder over token embeddings [B, L, D] (batch first), output [B, L, D].
+
+    The state-dict keys (`layers.{i}.self_attn.q_proj.weight`, ..., `layer_norm.weight`) are
+    those of the torchscale `LongNetEncoder` SlideChat checkpoints store under `LongNet_encoder.`.
+    """
+
+    def __init__(self, cfg: LongNetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList([LongNetEncoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
+        self.gradient_checkpointing = False
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torchscale's sub-LN initialisation: scale fc1/fc2/out_proj/v_proj (weights and biases)
+        # by sqrt(log(2 * layers)) after the default nn.Linear init.
+        scale = math.sqrt(math.log(self.config.num_layers * 2)) if self.config.num_layers > 0 else 1.0
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if any(s in name for s in ("fc1", "fc2", "out_proj", "v_proj")):
+                    p.mul_(scale)
+
+    def forward(self, token_embeddings: Tensor) -> Tensor:
+        x = self.dropout(token_embeddings)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return self.layer_norm(x)
