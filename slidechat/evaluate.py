@@ -1,0 +1,315 @@
+"""Benchmark evaluation: generation over a benchmark with per-slide encoding reuse, then scoring and reports.
+
+Each slide is encoded once (slide encoder + projector) and the encoding is reused for all of its questions,
+which are generated in batches (greedy, KV cache). The prompt is the original tool's:
+``<image>\\n{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}`` inside the model's chat template.
+
+``slidechat evaluate --benchmark FILE --features-dir DIR --model MODEL_DIR [--llm DIR] --out-dir OUT`` writes
+``outputs.csv`` (input columns + ``Output`` + ``Prediction`` + status/settings), ``metrics.json``,
+``report.md``, ``report.html`` and ``category_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from preprocessing.atomic import write_json
+from slidechat.benchmarks_io import (
+    DEFAULT_CAPTION_PROMPT,
+    LETTER_INSTRUCTION,
+    Benchmark,
+    BenchItem,
+    load_benchmark,
+    write_outputs_csv,
+)
+from slidechat.scoring import extract_answer, load_judge, score_outputs, summary_lines, warn_leakage
+
+IMAGE_PLACEHOLDER = "<image>"
+STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order, as in the contract
+OUTPUT_EXTRA_COLUMNS = ["Status", "MaxNewTokens", "LetterInstruction"]
+
+
+@dataclass
+class EvalSettings:
+    """Generation settings; all of them are recorded in outputs.csv / metrics.json."""
+
+    max_new_tokens: int = 500
+    answer_with_letter: bool = False  # append LETTER_INSTRUCTION to closed questions (off, as the original)
+    batch_size: int = 8  # questions of one slide per generate call
+    reuse_slide_encoding: bool = True  # False = re-encode the slide for every question (benchmark baseline)
+    greedy: bool = True
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_question(item: BenchItem, settings: EvalSettings) -> str:
+    """The first user turn: ``<image>\\n`` + the item's prompt (+ the optional letter instruction)."""
+    text = item.prompt
+    if settings.answer_with_letter and item.is_choice and all(len(k) == 1 for k in item.options):
+        text = f"{text}\n{LETTER_INSTRUCTION}"
+    return f"{IMAGE_PLACEHOLDER}\n{text}"
+
+
+# ------------------------------------------------------------------------------------------ feature stores
+
+
+def read_slide_map(path: str | os.PathLike) -> dict[str, Path]:
+    """``--slide-map`` CSV: benchmark slide id (column ``slide``/``Slide``/``slide_id``/``image``) -> store path
+    (column ``features``/``path``/``store``); relative paths are relative to the CSV."""
+    from slidechat.instructions import normalize_slide_id
+
+    path = Path(path)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = {f.lower(): f for f in (reader.fieldnames or [])}
+        key = next((fields[c] for c in ("slide", "slide_id", "image") if c in fields), None)
+        val = next((fields[c] for c in ("features", "path", "store") if c in fields), None)
+        if key is None or val is None:
+            raise ValueError(f"{path}: slide map needs a slide column (Slide/slide_id/image) and a store column "
+                             f"(features/path); found {', '.join(reader.fieldnames or [])}")
+        out = {}
+        for row in reader:
+            if row[key] and row[val]:
+                store = Path(row[val])
+                store = store if store.is_absolute() else (path.parent / store)
+                out[row[key].strip()] = store
+                out.setdefault(normalize_slide_id(row[key]), store)
+    return out
+
+
+class StoreFinder:
+    """Slide id -> feature store: the slide map, then ``<dir>/<id>.zarr|.h5|.csv`` (first that exists), then
+    the same one folder deep (released ``TCGA_patch_feat/<TUMOR>/<id>.csv`` layout)."""
+
+    def __init__(self, features_dir: str | os.PathLike | None, slide_map: dict[str, Path] | None = None):
+        self.root = Path(features_dir) if features_dir else None
+        if self.root is not None and not self.root.is_dir():
+            raise FileNotFoundError(f"features directory not found: {self.root} (option --features-dir)")
+        self.slide_map = slide_map or {}
+        self._index: dict[str, Path] | None = None
+
+    def find(self, slide_id: str) -> Path | None:
+        if slide_id in self.slide_map:
+            p = self.slide_map[slide_id]
+            return p if p.exists() else None
+        if self.root is None:
+            return None
+        for suf in STORE_SUFFIXES:
+            p = self.root / f"{slide_id}{suf}"
+            if p.exists():
+                return p
+        if self._index is None:
+            from slidechat.instructions import index_feature_stores
+
+            self._index = index_feature_stores(self.root)
+        return self._index.get(slide_id)
+
+
+def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None):
+    """Features of one store as a float tensor (N, D) on `device`."""
+    import torch
+
+    from preprocessing.stores import load_features
+
+    fs = load_features(store)
+    t = torch.from_numpy(fs.features)
+    return t.to(device=device, dtype=dtype or torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def load_model(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None, device: str | None = None,
+               dtype: str | None = None):
+    """`SlideChat.from_pretrained(model_dir, llm=llm)` in eval mode on `device` (default: cuda when present)."""
+    import torch
+
+    from slidechat.model import SlideChat
+
+    if not Path(model_dir).exists():
+        raise FileNotFoundError(f"model not found: {model_dir} (option --model / --checkpoint)")
+    if llm is not None and not Path(llm).exists():
+        raise FileNotFoundError(f"LLM directory not found: {llm} (option --llm)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SlideChat.from_pretrained(str(model_dir), llm=str(llm) if llm else None)
+    if dtype:
+        model = model.to(dtype=getattr(torch, dtype))
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def model_device_dtype(model) -> tuple[Any, Any]:
+    """Device and floating dtype of the model's first floating parameter (for the feature tensor)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    import torch
+
+    return torch.device("cpu"), torch.float32
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationResult:
+    outputs: dict[str, dict[str, Any]]  # qid -> row values (Output, Prediction, Status, ...)
+    skipped_no_features: list[str]
+    timing: dict[str, float]
+
+
+def _generate(model, features, questions: list[str], visual_embeds, settings: EvalSettings) -> list[str]:
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
+    if settings.greedy:
+        kwargs["do_sample"] = False
+    out = model.generate(features, questions, visual_embeds=visual_embeds, **kwargs)
+    return [out] if isinstance(out, str) else list(out)
+
+
+def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, settings: EvalSettings,
+                           log: Callable[[str], None] | None = print) -> GenerationResult:
+    """Answer every item of `bench`; slides without a feature store are skipped and listed.
+
+    With ``reuse_slide_encoding`` each slide's features are encoded once (``model.encode_slide``) and the
+    projected tokens are passed as ``visual_embeds`` to batched ``generate`` calls; otherwise every question
+    re-encodes its slide (the slow reference path measured by ``benchmarks/bench_eval_reuse.py``).
+    """
+    import torch
+
+    device, dtype = model_device_dtype(model)
+    by_slide: OrderedDict[str, list[BenchItem]] = OrderedDict()
+    for it in bench.items:
+        by_slide.setdefault(it.slide_id, []).append(it)
+    outputs: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    t_load = t_enc = t_gen = 0.0
+    common = {"MaxNewTokens": settings.max_new_tokens, "LetterInstruction": settings.answer_with_letter}
+    for k, (slide_id, items) in enumerate(by_slide.items()):
+        store = finder.find(slide_id)
+        if store is None:
+            for it in items:
+                skipped.append(it.qid)
+                outputs[it.qid] = {"Output": "", "Prediction": "", "Status": "no_features", **common}
+            if log:
+                log(f"[{k + 1}/{len(by_slide)}] {slide_id}: no feature store, {len(items)} question(s) skipped")
+            continue
+        t0 = time.perf_counter()
+        feats = load_slide_tensor(store, device, dtype)
+        t1 = time.perf_counter()
+        t_load += t1 - t0
+        visual = None
+        with torch.inference_mode():
+            if settings.reuse_slide_encoding:
+                visual = model.encode_slide(feats)
+                t_enc += time.perf_counter() - t1
+            answers: list[str] = []
+            questions = [build_question(it, settings) for it in items]
+            bs = settings.batch_size if settings.reuse_slide_encoding else 1
+            t2 = time.perf_counter()
+            for j in range(0, len(questions), max(1, bs)):
+                batch = questions[j:j + bs]
+                if settings.reuse_slide_encoding:
+                    answers += _generate(model, None, batch, visual, settings)
+                else:
+                    answers += _generate(model, feats, batch, None, settings)
+            t_gen += time.perf_counter() - t2
+        for it, ans in zip(items, answers):
+            pred = extract_answer(ans, it.options) if it.is_choice else None
+            outputs[it.qid] = {"Output": ans, "Prediction": pred or "", "Status": "ok", **common}
+        if log:
+            log(f"[{k + 1}/{len(by_slide)}] {slide_id}: {feats.shape[0]} patches, {len(items)} question(s)")
+    n_done = len(bench.items) - len(skipped)
+    timing = {"load_s": t_load, "encode_s": t_enc, "generate_s": t_gen,
+              "questions_per_s": n_done / (t_load + t_enc + t_gen) if n_done and (t_load + t_enc + t_gen) > 0 else 0.0}
+    return GenerationResult(outputs, skipped, timing)
+
+
+def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | None, model_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, llm: str | os.PathLike | None = None,
+             settings: EvalSettings | None = None, slide_map: str | os.PathLike | None = None,
+             train_manifests: Iterable[str | os.PathLike] = (), device: str | None = None,
+             dtype: str | None = None, model=None, judge=None, limit: int | None = None,
+             log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Generate, score and report one benchmark into `out_dir`; returns the metrics dict.
+
+    `model` may be passed in (already loaded) to evaluate several benchmarks with one load.
+    """
+    settings = settings or EvalSettings()
+    bench = load_benchmark(benchmark, caption_prompt=settings.caption_prompt)
+    if limit:
+        bench.items = bench.items[:limit]
+    finder = StoreFinder(features_dir, read_slide_map(slide_map) if slide_map else None)
+    if model is None:
+        model = load_model(model_dir, llm, device, dtype)
+    t0 = time.perf_counter()
+    gen = generate_for_benchmark(model, bench, finder, settings, log=log)
+    wall = time.perf_counter() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs_csv(out / "outputs.csv", bench, gen.outputs, extra_columns=OUTPUT_EXTRA_COLUMNS)
+    raw = {q: (v["Output"] if v.get("Status") == "ok" else None) for q, v in gen.outputs.items()}
+    record = {
+        "model": str(model_dir), "llm": str(llm) if llm else None, "features_dir": str(features_dir),
+        "max_new_tokens": settings.max_new_tokens, "answer_with_letter_instruction": settings.answer_with_letter,
+        "letter_instruction_text": LETTER_INSTRUCTION if settings.answer_with_letter else None,
+        "greedy": settings.greedy, "batch_size": settings.batch_size,
+        "reuse_slide_encoding": settings.reuse_slide_encoding,
+        "prompt_format": "<image>\\n{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}",
+        "wall_s": round(wall, 3), **{k: round(v, 4) for k, v in gen.timing.items()}, **settings.extra,
+    }
+    metrics = score_outputs(bench, raw, gen.skipped_no_features, train_manifests, settings=record, judge=judge)
+    metrics["skipped_slides"] = sorted({it.slide_id for it in bench.items if it.qid in set(gen.skipped_no_features)})
+    write_json(out / "metrics.json", metrics)
+    from slidechat.report import write_report
+
+    write_report(metrics, out)
+    if log:
+        for line in summary_lines(metrics):
+            log(line)
+    warn_leakage(metrics)
+    return metrics
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=500, help="generation budget per answer (default 500)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the model to this dtype (default: as loaded)")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="slidechat evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", required=True, help="SlideBench CSV/JSON, WSI-Bench JSON/folder or caption CSV")
+    p.add_argument("--features-dir", required=True, help="folder with <Slide>.zarr / .h5 / .csv feature stores")
+    p.add_argument("--model", required=True, help="model directory (ours, released SlideChat weights, xtuner layout)")
+    p.add_argument("--llm", default=None, help="local LLM directory when the model directory does not contain it")
+    p.add_argument("--out-dir", required=True, help="results/eval/<bench>/")
+    p.add_argument("--slide-map", default=None, help="CSV: benchmark slide id -> feature store path")
+    p.add_argument("--train-manifest", nargs="*", default=[], help="training manifest(s) for the leakage check")
+    p.add_argument("--answer-with-letter", action="store_true",
+                   help=f"append '{LETTER_INSTRUCTION}' to closed questions (off by default, as the original)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions of one slide per generate call")
+    p.add_argument("--no-reuse", action="store_true", help="re-encode the slide for every question (slow; for checks)")
+    p.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT, help="prompt for caption CSVs without a question")
+    p.add_argument("--judge", default=None, help="optional LLM-as-judge hook module:function(reference, hypothesis)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (smoke tests)")
+    add_generation_arguments(p)
+    a = p.parse_args(argv)
+    settings = EvalSettings(max_new_tokens=a.max_new_tokens, answer_with_letter=a.answer_with_letter,
+                            batch_size=a.batch_size, reuse_slide_encoding=not a.no_reuse,
+                            caption_prompt=a.caption_prompt)
+    evaluate(a.benchmark, a.features_dir, a.model, a.out_dir, llm=a.llm, settings=settings, slide_map=a.slide_map,
+             train_manifests=a.train_manifest, device=a.device, dtype=a.dtype, judge=load_judge(a.judge),
+             limit=a.limit, log=lambda s: print(s, file=sys.stderr))
+    print(Path(a.out_dir) / "metrics.json")
+    return 0

@@ -1,0 +1,243 @@
+"""One-command inference on a new slide: segmentation -> tiling -> feature extraction -> SlideChat.
+
+``slidechat ask --slide S.svs --question "..." [--checkpoint DIR] [--llm DIR]`` prints the answer;
+``slidechat chat --slide S.svs ...`` keeps a multi-turn conversation on stdin/stdout (the slide is encoded
+once). Intermediate outputs are cached per slide in ``--work-dir`` (default
+``~/.cache/wsi-slidechat/<slide_id>/``) and reused: the tissue mask, the patch coordinates and the feature
+store (the extractor itself checks that a store matches the encoder and coordinates).
+
+The patch encoder comes from ``--encoder`` / ``--encoder-checkpoint`` / ``--transform``; when not given, the
+model directory's config is read for the keys ``feature_encoder``, ``feature_transform``,
+``feature_target_mpp`` and ``feature_patch_size`` (top level, or under ``features``), else ``conch_v1``
+(which needs ``--encoder-checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from preprocessing.atomic import write_json
+
+DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
+CHECKPOINT_ENV = "SLIDECHAT_CHECKPOINT"
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class FeatureSettings:
+    """How a slide becomes a feature store (must match what the model was trained on)."""
+
+    encoder: str = "conch_v1"
+    encoder_checkpoint: str | None = None
+    transform: str | None = None
+    target_mpp: float = 0.5
+    patch_size: int = 224
+    min_tissue_fraction: float = 0.5
+    seg_preset: str | None = None
+    batch_size: int = 64
+    num_workers: int = 0  # read patches in this process: a fork after OpenSlide/torch use here can hang
+
+
+def model_feature_config(model_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Feature settings recorded in a model directory's JSON configs (keys ``feature_*``), if any."""
+    out: dict[str, Any] = {}
+    if not model_dir or not Path(model_dir).is_dir():
+        return out
+    for cfg in sorted(Path(model_dir).glob("*.json")):
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        for src in (data, data.get("features") if isinstance(data.get("features"), dict) else {}):
+            for key in ("feature_encoder", "feature_transform", "feature_target_mpp", "feature_patch_size"):
+                if key in src and src[key] is not None and key not in out:
+                    out[key] = src[key]
+            for short, key in (("encoder", "feature_encoder"), ("transform", "feature_transform"),
+                               ("target_mpp", "feature_target_mpp"), ("patch_size", "feature_patch_size")):
+                if src is not data and short in src and key not in out:
+                    out[key] = src[short]
+    return out
+
+
+def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:
+    """Per-slide cache folder; a `source.json` guards against two different slides with the same name."""
+    base = Path(work_dir) if work_dir else DEFAULT_CACHE / slide.stem
+    base.mkdir(parents=True, exist_ok=True)
+    st = slide.stat()
+    source = {"path": str(slide.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    marker = base / "source.json"
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old != source:  # another file under the same name (or the slide changed): start a fresh cache
+            import shutil
+
+            for child in base.iterdir():
+                if child.name != "source.json":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+    write_json(marker, source)
+    return base
+
+
+def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir: str | os.PathLike | None = None,
+                  mpp: float | None = None, log=print) -> Path:
+    """Segment, tile and extract one slide (each step reused when its output is already cached); returns
+    the feature store."""
+    from preprocessing.extract import extract_slide
+    from preprocessing.tiling import load_coords, tile_slide
+    from preprocessing.tissue import segment_slide, segmentation_paths
+
+    slide = Path(slide)
+    if not slide.exists():
+        raise FileNotFoundError(f"slide not found: {slide} (option --slide)")
+    cache = _slide_cache_dir(slide, work_dir)
+    seg_dir = cache / "segmentation"
+    if not segmentation_paths(seg_dir, slide.stem)["mask"].exists():
+        log(f"segmenting {slide.name} ...")
+        segment_slide(slide, seg_dir, preset=settings.seg_preset, mpp=mpp)
+    tile_dir = cache / f"tiles-{settings.target_mpp:g}mpp-{settings.patch_size}px-{settings.min_tissue_fraction:g}"
+    coords = tile_dir / f"{slide.stem}.h5"
+    if not coords.exists():
+        log("tiling ...")
+        coords = tile_slide(slide, tile_dir, target_mpp=settings.target_mpp, patch_size=settings.patch_size,
+                            min_tissue_fraction=settings.min_tissue_fraction, preset=settings.seg_preset, mpp=mpp,
+                            seg_dir=seg_dir)
+    xy, attrs = load_coords(coords)
+    if len(xy) == 0:
+        raise RuntimeError(f"slide {slide.name}: no tissue patches found (status {attrs.get('status')!r}); "
+                           "nothing to ask about")
+    feat_dir = cache / f"features-{settings.encoder.replace(':', '_')}-{tile_dir.name.removeprefix('tiles-')}"
+    log(f"features ({settings.encoder}, {len(xy)} patches) ...")
+    return extract_slide(slide, coords, feat_dir, encoder=settings.encoder, checkpoint=settings.encoder_checkpoint,
+                         transform=settings.transform, fmt="zarr", mpp=mpp, batch_size=settings.batch_size,
+                         num_workers=settings.num_workers)
+
+
+def _feature_settings(a: argparse.Namespace) -> FeatureSettings:
+    recorded = model_feature_config(a.checkpoint)
+    encoder = a.encoder or recorded.get("feature_encoder") or "conch_v1"
+    fs = FeatureSettings(
+        encoder=encoder, encoder_checkpoint=a.encoder_checkpoint,
+        transform=a.transform or recorded.get("feature_transform"),
+        target_mpp=a.target_mpp or float(recorded.get("feature_target_mpp", 0.5)),
+        patch_size=a.patch_size or int(recorded.get("feature_patch_size", 224)),
+        seg_preset=a.seg_preset, batch_size=a.extract_batch_size, num_workers=a.num_workers,
+    )
+    if fs.encoder == "conch_v1" and not fs.encoder_checkpoint and not a.features:
+        raise SystemExit("slidechat: the conch_v1 patch encoder needs local weights: pass --encoder-checkpoint "
+                         "PATH (pytorch_model.bin of CONCH), or --encoder conch_tiny for the demo model")
+    return fs
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from slidechat.evaluate import add_generation_arguments
+
+    p.add_argument("--slide", required=True, help="whole-slide image (any format OpenSlide reads)")
+    p.add_argument("--checkpoint", default=os.environ.get(CHECKPOINT_ENV),
+                   help=f"model directory (ours, released SlideChat weights or xtuner layout); default ${CHECKPOINT_ENV}")
+    p.add_argument("--llm", default=None, help="local LLM directory when the checkpoint does not contain it")
+    p.add_argument("--encoder", default=None, help="patch encoder (default: recorded in the model dir, else conch_v1)")
+    p.add_argument("--encoder-checkpoint", default=None, help="patch encoder weights (required for conch_v1)")
+    p.add_argument("--transform", default=None, help="patch transform (default: the encoder's/model's own)")
+    p.add_argument("--target-mpp", type=float, default=None, help="patch resolution in µm/px (default 0.5)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size in px at target mpp (default 224)")
+    p.add_argument("--seg-preset", default=None, help="tissue segmentation preset")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for slides that do not record it")
+    p.add_argument("--work-dir", default=None, help="cache folder (default ~/.cache/wsi-slidechat/<slide_id>/)")
+    p.add_argument("--features", default=None, help="use this feature store instead of preprocessing the slide")
+    p.add_argument("--extract-batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0, help="patch reader processes (0: in this process)")
+    add_generation_arguments(p)
+
+
+def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
+    """(model, features tensor) for the parsed arguments."""
+    from slidechat.evaluate import load_model, load_slide_tensor, model_device_dtype
+
+    if not a.checkpoint:
+        raise SystemExit(f"slidechat: no model given: pass --checkpoint DIR (or set ${CHECKPOINT_ENV})")
+    fs = _feature_settings(a)
+    store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
+    model = load_model(a.checkpoint, a.llm, a.device, a.dtype)
+    device, dtype = model_device_dtype(model)
+    return model, load_slide_tensor(store, device, dtype)
+
+
+def _first_turn(question: str) -> str:
+    return question if IMAGE_PLACEHOLDER in question else f"{IMAGE_PLACEHOLDER}\n{question}"
+
+
+def ask_main(argv: list[str]) -> int:
+    """`slidechat ask --slide S --question Q [Q ...]`: answers printed one per question."""
+    p = argparse.ArgumentParser(prog="slidechat ask", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--question", required=True, nargs="+", help="question(s) about the slide (answered in a batch)")
+    _add_common(p)
+    a = p.parse_args(argv)
+    import torch
+
+    log = (lambda s: print(s, file=sys.stderr))
+    model, feats = _load(a, log)
+    with torch.inference_mode():
+        visual = model.encode_slide(feats)
+        answers = model.generate(None, [_first_turn(q) for q in a.question], visual_embeds=visual,
+                                 max_new_tokens=a.max_new_tokens, do_sample=False)
+    answers = [answers] if isinstance(answers, str) else answers
+    for q, ans in zip(a.question, answers):
+        if len(a.question) > 1:
+            print(f"Q: {q}\nA: {ans}\n")
+        else:
+            print(ans)
+    return 0
+
+
+def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    """Read questions line by line until EOF / ``exit``; the slide is encoded once, the history grows."""
+    import torch
+
+    with torch.inference_mode():
+        visual = model.encode_slide(feats)
+    history: list[dict[str, str]] = []
+    n = 0
+    while True:
+        stdout.write("you> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        q = line.strip()
+        if not q:
+            continue
+        if q.lower() in {"exit", "quit", ":q"}:
+            break
+        if q.lower() in {"reset", ":reset"}:
+            history = []
+            stdout.write("(conversation reset)\n")
+            continue
+        turn = _first_turn(q) if not history else q
+        with torch.inference_mode():
+            ans = model.generate(None, turn, visual_embeds=visual, history=history or None,
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+        history += [{"from": "human", "value": turn}, {"from": "gpt", "value": ans}]
+        stdout.write(f"slidechat> {ans}\n")
+        stdout.flush()
+        n += 1
+    return n
+
+
+def chat_main(argv: list[str]) -> int:
+    """`slidechat chat --slide S`: multi-turn conversation on stdin/stdout (`exit` to leave, `reset`)."""
+    p = argparse.ArgumentParser(prog="slidechat chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    a = p.parse_args(argv)
+    model, feats = _load(a, lambda s: print(s, file=sys.stderr))
+    chat_loop(model, feats, a.max_new_tokens)
+    return 0
