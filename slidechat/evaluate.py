@@ -139,22 +139,19 @@ def load_model(model_dir: str | os.PathLike, llm: str | os.PathLike | None = Non
     if llm is not None and not Path(llm).exists():
         raise FileNotFoundError(f"LLM directory not found: {llm} (option --llm)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SlideChat.from_pretrained(str(model_dir), llm=str(llm) if llm else None)
-    if dtype:
-        model = model.to(dtype=getattr(torch, dtype))
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = SlideChat.from_pretrained(str(model_dir), llm=str(llm) if llm else None, torch_dtype=torch_dtype)
+    if torch_dtype is not None:
+        model = model.to(dtype=torch_dtype)
     model = model.to(device)
     model.eval()
     return model
 
 
 def model_device_dtype(model) -> tuple[Any, Any]:
-    """Device and floating dtype of the model's first floating parameter (for the feature tensor)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    import torch
-
-    return torch.device("cpu"), torch.float32
+    """Device and dtype the slide encoder expects its features in (those of the projector's weights)."""
+    w = model.projector.model[0].weight
+    return w.device, w.dtype
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -204,7 +204,7 @@ def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdo
 
     with torch.inference_mode():
         visual = model.encode_slide(feats)
-    history: list[dict[str, str]] = []
+    history: list[tuple[str, str]] = []  # (question, answer) turns, as SlideChat.generate takes them
     n = 0
     while True:
         stdout.write("you> ")
@@ -225,7 +225,7 @@ def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdo
         with torch.inference_mode():
             ans = model.generate(None, turn, visual_embeds=visual, history=history or None,
                                  max_new_tokens=max_new_tokens, do_sample=False)
-        history += [{"from": "human", "value": turn}, {"from": "gpt", "value": ans}]
+        history.append((turn, ans))
         stdout.write(f"slidechat> {ans}\n")
         stdout.flush()
         n += 1

@@ -1,0 +1,162 @@
+"""`slidechat evaluate` end to end with a tiny random SlideChat (tiny Qwen2 LLM built in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from preprocessing.stores import write_h5_store, write_zarr_store
+from slidechat.benchmarks_io import TCGA_COLUMNS, load_benchmark
+from slidechat.cli import main as cli
+from slidechat.evaluate import EvalSettings, StoreFinder, build_question, evaluate, generate_for_benchmark
+from slidechat.model import SlideChat, SlideChatConfig
+from slidechat.tiny import build_tiny_llm
+
+CORPUS = [
+    "What is the most likely diagnosis?",
+    "Which tissue type dominates the slide?",
+    "A. adenocarcinoma B. lymphoid C. stroma D. necrosis",
+    "The slide shows adenocarcinoma with irregular glands.",
+    "Dense sheets of small lymphocytes.",
+    "Answer with the option's letter from the given choices directly.",
+] * 4
+
+
+def tiny_model_config() -> SlideChatConfig:
+    return SlideChatConfig(feature_dim=512, encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4,
+                           segment_lengths=[16, 32], dilated_ratios=[1, 2])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    llm = build_tiny_llm(root / "llm", CORPUS, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    model = SlideChat.from_llm(llm, tiny_model_config())
+    return model.save_pretrained(root / "slidechat")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return SlideChat.from_pretrained(model_dir).eval()
+
+
+def _store(path: Path, n: int, seed: int, kind: str = "zarr") -> Path:
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n, 512)).astype(np.float32)
+    coords = np.stack(np.meshgrid(np.arange(n) * 224, [0]), -1).reshape(-1, 2).astype(np.int64)
+    attrs = {"slide_id": path.stem, "encoder": "conch_tiny"}
+    return write_zarr_store(path, feats, coords, None, attrs) if kind == "zarr" else write_h5_store(path, feats, coords, None, attrs)
+
+
+@pytest.fixture(scope="module")
+def bench_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    feats = root / "features"
+    feats.mkdir()
+    _store(feats / "SLIDE-A.zarr", 40, 1)
+    _store(feats / "SLIDE-B.h5", 25, 2, kind="h5")
+    rows = []
+    for i, (slide, ans) in enumerate([("SLIDE-A", "A"), ("SLIDE-B", "B"), ("SLIDE-A", "C"), ("SLIDE-MISSING", "B"),
+                                      ("SLIDE-B", "D"), ("SLIDE-A", "B")]):
+        rows.append({"ID": 100 + i, "Slide": slide, "Tumor": "DEMO", "Broad Category": "Diagnosis",
+                     "Narrow Category": "Tissue" if i % 2 else "Grade", "Question": f"Question number {i}?",
+                     "A": "adenocarcinoma", "B": "lymphoid", "C": "stroma", "D": "necrosis", "Answer": ans})
+    bench = root / "bench.csv"
+    pd.DataFrame(rows, columns=TCGA_COLUMNS).to_csv(bench, index=False)
+    return bench, feats
+
+
+def test_question_format_is_the_original_prompt(bench_setup):
+    bench = load_benchmark(bench_setup[0])
+    q = build_question(bench.items[0], EvalSettings())
+    assert q == "<image>\nQuestion number 0?\nA. adenocarcinoma\nB. lymphoid\nC. stroma\nD. necrosis"
+    q2 = build_question(bench.items[0], EvalSettings(answer_with_letter=True))
+    assert q2 == q + "\nAnswer with the option's letter from the given choices directly."
+
+
+def test_reuse_and_batching_give_the_same_answers_as_reencoding(model, bench_setup):
+    bench = load_benchmark(bench_setup[0])
+    finder = StoreFinder(bench_setup[1])
+    calls = {"encode": 0}
+    orig = model.encode_slide
+
+    def counting(*a, **k):
+        calls["encode"] += 1
+        return orig(*a, **k)
+
+    model.encode_slide = counting
+    try:
+        fast = generate_for_benchmark(model, bench, finder, EvalSettings(max_new_tokens=6, batch_size=3), log=None)
+        n_fast = calls["encode"]
+        calls["encode"] = 0
+        slow = generate_for_benchmark(model, bench, finder,
+                                      EvalSettings(max_new_tokens=6, reuse_slide_encoding=False), log=None)
+        n_slow = calls["encode"]
+    finally:
+        del model.encode_slide
+    assert n_fast == 2  # one encoding per slide that has features
+    assert n_slow == 5  # one per answered question
+    assert fast.skipped_no_features == slow.skipped_no_features == ["103"]
+    assert {q: v["Output"] for q, v in fast.outputs.items()} == {q: v["Output"] for q, v in slow.outputs.items()}
+    assert all(fast.outputs[q]["Output"] for q in fast.outputs if q != "103")
+
+
+def test_evaluate_writes_outputs_metrics_and_reports(model, model_dir, bench_setup, tmp_path):
+    bench_csv, feats = bench_setup
+    manifest_json = tmp_path / "train.json"
+    manifest_json.write_text(json.dumps([{"id": "t0", "image": ["SLIDE-B.csv"], "slide_id": "SLIDE-B",
+                                          "conversations": []}]))
+    manifest = tmp_path / "train.manifest.json"
+    manifest.write_text(json.dumps({"output": str(manifest_json), "counts": {}}))
+    out = tmp_path / "eval"
+    m = evaluate(bench_csv, feats, model_dir, out, settings=EvalSettings(max_new_tokens=5, batch_size=2),
+                 train_manifests=[manifest], model=model, log=None)
+    df = pd.read_csv(out / "outputs.csv", keep_default_na=False)
+    assert list(df.columns[: len(TCGA_COLUMNS)]) == TCGA_COLUMNS
+    assert {"Output", "Prediction", "Status", "MaxNewTokens", "LetterInstruction"} <= set(df.columns)
+    assert df["ID"].tolist() == [100, 101, 102, 103, 104, 105]
+    assert df.loc[df.ID == 103, "Status"].item() == "no_features" and df.loc[df.ID == 103, "Output"].item() == ""
+    assert (df.loc[df.ID != 103, "Status"] == "ok").all()
+    assert (df["MaxNewTokens"] == 5).all()
+    # metrics agree with an independent count over the CSV
+    answered = df[df.Status == "ok"]
+    correct = int((answered.Prediction == answered.Answer).sum())
+    assert m["n"] == 6 and m["n_answered"] == 5 and m["n_skipped_no_features"] == 1
+    assert m["correct"] == correct and m["accuracy"] == pytest.approx(correct / 5)
+    assert m["unparsable"] == int((answered.Prediction == "").sum())
+    assert m["skipped_slides"] == ["SLIDE-MISSING"]
+    assert m["settings"]["max_new_tokens"] == 5 and m["settings"]["answer_with_letter_instruction"] is False
+    assert m["leakage"]["slides"] == ["SLIDE-B"] and m["leakage"]["n_questions_on_overlap"] == 2
+    assert set(m["per_tumor"]) == {"DEMO"} and set(m["per_narrow_category"]) == {"Grade", "Tissue"}
+    for name in ("metrics.json", "report.md", "report.html", "category_accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "skipped: slide has no features | 1" in report and "leakage" in report.lower()
+    # scoring the written outputs again gives the same numbers (`slidechat score` on our own CSV)
+    assert cli(["score", "--benchmark", str(bench_csv), "--outputs", str(out / "outputs.csv"),
+                "--out", str(tmp_path / "rescored.json")]) == 0
+    again = json.loads((tmp_path / "rescored.json").read_text())
+    assert (again["accuracy"], again["n_skipped_no_features"], again["unparsable"]) == (
+        m["accuracy"], m["n_skipped_no_features"], m["unparsable"])
+
+
+def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path):
+    bench_csv, feats = bench_setup
+    slide_map = tmp_path / "map.csv"
+    pd.DataFrame({"Slide": ["SLIDE-MISSING"], "features": [str(feats / "SLIDE-A.zarr")]}).to_csv(slide_map, index=False)
+    rc = cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(feats), "--model", str(model_dir),
+              "--out-dir", str(tmp_path / "e"), "--slide-map", str(slide_map), "--max-new-tokens", "3",
+              "--answer-with-letter", "--device", "cpu"])
+    assert rc == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["n_skipped_no_features"] == 0 and m["n_answered"] == 6
+    assert m["settings"]["answer_with_letter_instruction"] is True
+    with pytest.raises(FileNotFoundError, match="--features-dir"):
+        cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(tmp_path / "nope"), "--model",
+             str(model_dir), "--out-dir", str(tmp_path / "x")])
