@@ -163,6 +163,8 @@ def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
 
     if not a.checkpoint:
         raise SystemExit(f"slidechat: no model given: pass --checkpoint DIR (or set ${CHECKPOINT_ENV})")
+    if not Path(a.checkpoint).exists():  # fail before the (slow) preprocessing
+        raise FileNotFoundError(f"model not found: {a.checkpoint} (option --checkpoint)")
     fs = _feature_settings(a)
     store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
     model = load_model(a.checkpoint, a.llm, a.device, a.dtype)
