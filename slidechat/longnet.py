@@ -166,45 +166,42 @@ def dilated_attention(
 ) -> Tensor:
     """LongNet dilated attention on projected `q, k, v` of shape [B, L, H, d]; returns [B, L, H, d].
 
-    Each branch gathers its sparse segments with one index (zero rows stand for the padding the
-    original adds), runs fused attention on them, and scatters outputs and normalisers back.
+    Each branch gathers its sparse segments with one flat index (an extra zero row stands for the
+    padding the original adds), runs fused attention on them, and only the covered (position,
+    head) pairs are scattered back, so the work per branch is proportional to L / ratio.
     """
     bsz, seq_len, h, hd = q.shape
+    rows = (seq_len + 1) * h  # flat (position, head) rows; the last H rows are the zero row
     zero = q.new_zeros(bsz, 1, h, hd)
-    # one extra all-zero row at position L: the target of every padded slot
-    qz, kz, vz = (torch.cat([t, zero], dim=1) for t in (q, k, v))
+    qf, kf, vf = (torch.cat([t, zero], dim=1).view(bsz, rows, hd) for t in (q, k, v))
     heads = torch.arange(h, device=q.device)
-    outs: list[Tensor] = []
-    lses: list[Tensor] = []
+    branches: list[tuple[Tensor, Tensor]] = []
+    dense_lses: list[Tensor] = []
     for seg_len, ratio in zip(segment_lengths, dilated_ratios):
         idx = _branch_index(seq_len, seg_len, ratio, h, q.device)  # [n, m, H]
         n_seg, slots, _ = idx.shape
+        flat = (idx * h + heads).reshape(-1)
 
         def gather(t: Tensor) -> Tensor:
-            g = t[:, idx, heads]  # [B, n, m, H, d]
-            return g.reshape(bsz * n_seg, slots, h, hd).transpose(1, 2)  # [B*n, H, m, d]
+            g = t.index_select(1, flat).view(bsz * n_seg, slots, h, hd)
+            return g.transpose(1, 2)  # [B*n, H, m, d]
 
-        o, lse = attention_with_lse(gather(qz), gather(kz), gather(vz), dropout_p)
-        o = o.transpose(1, 2).reshape(bsz, n_seg, slots, h, hd)
-        lse = lse.transpose(1, 2).reshape(bsz, n_seg, slots, h).float()
+        o, lse = attention_with_lse(gather(qf), gather(kf), gather(vf), dropout_p)
+        o = o.transpose(1, 2).reshape(bsz, n_seg * slots * h, hd)
+        lse = lse.transpose(1, 2).reshape(bsz, n_seg * slots * h).float()
         # as in the original: a normaliser of exactly 0 is treated like "not covered"
         lse = lse.masked_fill(lse == 0, _LSE_MASK)
-        # scatter back; every padded slot lands on the extra row L, which is dropped
-        dense_o = q.new_zeros(bsz, seq_len + 1, h, hd)
-        dense_o[:, idx, heads] = o
-        dense_lse = torch.full((bsz, seq_len + 1, h), _LSE_MASK, dtype=torch.float32, device=q.device)
-        dense_lse[:, idx, heads] = lse
-        outs.append(dense_o[:, :seq_len])
-        lses.append(dense_lse[:, :seq_len])
+        dense = torch.full((bsz, rows), _LSE_MASK, dtype=torch.float32, device=q.device)
+        dense_lses.append(dense.index_copy_(1, flat, lse.detach()))
+        branches.append((flat, o))
 
     # combine branches by their softmax normalisers; no gradient through the weights (as original)
     with torch.no_grad():
-        stacked = torch.stack(lses, dim=0)
-        weights = torch.softmax(stacked, dim=0)
-    out = 0
-    for o, w in zip(outs, weights):
-        out = out + o * w.unsqueeze(-1).to(o.dtype)
-    return out
+        weights = torch.softmax(torch.stack(dense_lses, dim=0), dim=0)
+    out = q.new_zeros(bsz, rows, hd)
+    for (flat, o), w in zip(branches, weights):
+        out.index_add_(1, flat, o * w.index_select(1, flat).unsqueeze(-1).to(o.dtype))
+    return out[:, : seq_len * h].view(bsz, seq_len, h, hd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -527,7 +527,7 @@ class SlideChat(nn.Module):
             raise ValueError("sample has an <image> placeholder but no slide features")
         i = int(where[0])
         text = self._embed(torch.cat([ids[:i], ids[i + 1:]]))
-        emb = torch.cat([text[:i], visual.to(emb_dtype), text[i:]], dim=0)
+        emb = torch.cat([text[:i], visual.to(device=text.device, dtype=emb_dtype), text[i:]], dim=0)
         if labels is not None:
             fill = labels.new_full((visual.shape[0],), IGNORE_INDEX)
             labels = torch.cat([labels[:i], fill, labels[i + 1:]])
@@ -620,7 +620,8 @@ class SlideChat(nn.Module):
         rows = []
         for q in questions:
             ids = build_generation_prompt(self.tokenizer, q, history, with_image=visual_embeds is not None)
-            e, _ = self._splice(torch.tensor(ids, device=self.device), None, visual_embeds)
+            ids_t = torch.tensor(ids, device=self.llm.get_input_embeddings().weight.device)
+            e, _ = self._splice(ids_t, None, visual_embeds)
             rows.append(e)
         t_max = max(r.shape[0] for r in rows)
         inputs = rows[0].new_zeros(len(rows), t_max, rows[0].shape[1])
