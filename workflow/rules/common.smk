@@ -1,6 +1,8 @@
 # Slide discovery, paths and input functions shared by every rule file.
 import csv
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -150,9 +152,8 @@ def instruction_source(stage):
     if config["instructions"][key]:
         return config["instructions"][key]
     if DEMO:
-        return f"{DEMO_DIR}/instructions/" + (
-            "stage1_captions.json" if stage == "1" else "stage2_vqa.json"
-        )
+        name = "stage1_captions.json" if stage == "1" else "stage2_vqa.json"
+        return f"{DEMO_DIR}/instructions/{name}"
     raise ValueError(
         f"instructions.{key} is required (SlideInstruction JSON) unless demo.enabled is true"
     )
@@ -178,14 +179,18 @@ def train_args(stage):
     ]
     args += [f"--{k.replace('_', '-')}" for k, v in s.items() if v is True]
     m = config["model"]
-    args += [f"--context {m['context']}", f"--max-patches {m['max_patches_train']}"]
-    if m["bypass_slide_encoder"]:
-        args.append("--bypass-slide-encoder")
+    args.append(f"--max-patches {m['max_patches_train']}")
+    args.append(f"--model-config {shlex.quote(json.dumps(m, sort_keys=True))}")
     if config["train"]["deepspeed"]:
         args.append(f"--deepspeed {config['train']['deepspeed']}")
     if config["train"]["gpus_per_node"]:
         args.append(f"--gpus-per-node {config['train']['gpus_per_node']}")
     return " ".join(args)
+
+
+def mpi_launcher(wildcards, resources):
+    """`srun` (one rank per task) when the profile gives the rule an `mpi` resource, else nothing."""
+    return getattr(resources, "mpi", "") or ""
 
 
 def parent_dir(path):

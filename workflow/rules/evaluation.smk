@@ -42,11 +42,10 @@ rule evaluate_benchmark:
             if config["evaluation"]["answer_with_letter"]
             else ""
         ),
-        max_patches=config["model"]["max_patches_infer"],
     shell:
         "slidechat evaluate --benchmark {input.benchmark} --features-dir {params.features_dir} --model {input.model} "
         "--llm {input.llm} --out-dir {params.out} --train-manifest {input.manifest} "
-        "--max-new-tokens {params.max_new_tokens} --max-patches {params.max_patches} {params.letter} > {log} 2>&1"
+        "--max-new-tokens {params.max_new_tokens} {params.letter} > {log} 2>&1"
 
 
 rule evaluate:

@@ -32,9 +32,10 @@ rule train_stage1:
     params:
         features_dir=features_dir_of,
         args=train_args("1"),
+        launch=mpi_launcher,
         work=f"{CKPT_DIR}/stage1",
     shell:
-        "slidechat train --stage 1 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
+        "{params.launch} slidechat train --stage 1 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
         "--out {output.model} --work-dir {params.work} --curves {output.curves} {params.args} > {log} 2>&1"
 
 
@@ -69,8 +70,9 @@ rule train_stage2:
     params:
         features_dir=features_dir_of,
         args=train_args("2"),
+        launch=mpi_launcher,
         work=f"{CKPT_DIR}/stage2",
     shell:
-        "slidechat train --stage 2 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
+        "{params.launch} slidechat train --stage 2 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
         "--init {input.init} --out {output.model} --work-dir {params.work} --curves {output.curves} "
         "{params.args} > {log} 2>&1"
