@@ -160,10 +160,13 @@ def stubbed_classes() -> set[str]:
 
 
 def find_deepspeed_model_file(folder: Path) -> Path | None:
-    """`<folder>/mp_rank_00_model_states.pt`, or the one such file one level below; None if absent."""
+    """`<folder>/mp_rank_00_model_states.pt`, the one named by `<folder>/latest`, or the only one a level below."""
     direct = folder / DEEPSPEED_MODEL_FILE
     if direct.is_file():
         return direct
+    latest = folder / "latest"  # DeepSpeed's pointer to the newest `global_step*` tag
+    if latest.is_file() and (folder / latest.read_text().strip() / DEEPSPEED_MODEL_FILE).is_file():
+        return folder / latest.read_text().strip() / DEEPSPEED_MODEL_FILE
     below = sorted(folder.glob(f"*/{DEEPSPEED_MODEL_FILE}"))
     if len(below) == 1:
         return below[0]

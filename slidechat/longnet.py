@@ -180,15 +180,16 @@ def dilated_attention(
     for seg_len, ratio in zip(segment_lengths, dilated_ratios):
         idx = _branch_index(seq_len, seg_len, ratio, h, q.device)  # [n, m, H]
         n_seg, slots, _ = idx.shape
-        flat = (idx * h + heads).reshape(-1)
+        # (segment, head, slot) order: the gathered rows are already the [B*n, H, m, d] layout the
+        # kernel wants, and its outputs map back without a transpose copy
+        flat = (idx * h + heads).permute(0, 2, 1).reshape(-1)
 
         def gather(t: Tensor) -> Tensor:
-            g = t.index_select(1, flat).view(bsz * n_seg, slots, h, hd)
-            return g.transpose(1, 2)  # [B*n, H, m, d]
+            return t.index_select(1, flat).view(bsz * n_seg, h, slots, hd)
 
         o, lse = attention_with_lse(gather(qf), gather(kf), gather(vf), dropout_p)
-        o = o.transpose(1, 2).reshape(bsz, n_seg * slots * h, hd)
-        lse = lse.transpose(1, 2).reshape(bsz, n_seg * slots * h).float()
+        o = o.reshape(bsz, n_seg * h * slots, hd)
+        lse = lse.reshape(bsz, n_seg * h * slots).float()
         # as in the original: a normaliser of exactly 0 is treated like "not covered"
         lse = lse.masked_fill(lse == 0, _LSE_MASK)
         dense = torch.full((bsz, rows), _LSE_MASK, dtype=torch.float32, device=q.device)
