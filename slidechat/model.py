@@ -456,15 +456,16 @@ class SlideChat(nn.Module):
     def device(self) -> torch.device:
         return self.projector.model[0].weight.device
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Activation checkpointing in the slide encoder layers and the LLM."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Activation checkpointing in the slide encoder layers and the LLM (non-reentrant by default)."""
         self.config.gradient_checkpointing = True
         self.LongNet_encoder.gradient_checkpointing = True
-        # transformers 5 renamed the method; the old name still works but warns
-        enable = getattr(self.llm, "activation_checkpointing_enable", None) or getattr(
-            self.llm, "gradient_checkpointing_enable", None)
-        if enable is not None:
-            enable(**kwargs)
+        ckpt_kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        # transformers 5 renamed the method (and its kwargs); the old name still works but warns
+        if hasattr(self.llm, "activation_checkpointing_enable"):
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        elif hasattr(self.llm, "gradient_checkpointing_enable"):
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         self.config.gradient_checkpointing = False
@@ -631,7 +632,7 @@ class SlideChat(nn.Module):
             att[i, t_max - r.shape[0]:] = 1
         stops = stop_token_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
-        settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False,
+        settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "use_cache": True,
                                     "eos_token_id": stops, "pad_token_id": pad}
         settings.update(gen_kwargs)
         out = self.llm.generate(inputs_embeds=inputs, attention_mask=att, generation_config=GenerationConfig(**settings))
