@@ -395,22 +395,30 @@ def read_outputs_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     return rows
 
 
-def match_outputs(bench: Benchmark, rows: list[dict[str, str]], path: str = "outputs") -> dict[str, str | None]:
-    """Question id -> raw output text (None when the row is missing or its Output is empty).
-
-    Rows are matched by ``ID`` when the outputs have that column, else by row order (the JSON form).
-    """
-    result: dict[str, str | None] = {it.qid: None for it in bench.items}
+def match_output_rows(bench: Benchmark, rows: list[dict[str, str]], path: str = "outputs") -> dict[str, dict[str, str] | None]:
+    """Question id -> its outputs row (None when absent). Matched by ``ID`` when the outputs have that column,
+    else by row order (the JSON form)."""
+    result: dict[str, dict[str, str] | None] = {it.qid: None for it in bench.items}
     if rows and "ID" in rows[0]:
         for r in rows:
             qid = _id_string(r.get("ID"), "")
             if qid in result:
-                result[qid] = _clean(r.get("Output"))
+                result[qid] = r
         return result
     if len(rows) != len(bench.items):
         raise BenchmarkFormatError(
             f"{path}: has no ID column and {len(rows)} rows for {len(bench.items)} questions; cannot match by row order"
         )
     for it, r in zip(bench.items, rows):
-        result[it.qid] = _clean(r.get("Output"))
+        result[it.qid] = r
     return result
+
+
+def match_outputs(bench: Benchmark, rows: list[dict[str, str]], path: str = "outputs") -> dict[str, str | None]:
+    """Question id -> raw output text (None when the row is missing or its Output is empty)."""
+    return {q: (_clean(r.get("Output")) if r else None) for q, r in match_output_rows(bench, rows, path).items()}
+
+
+def skipped_in_outputs(bench: Benchmark, rows: list[dict[str, str]], path: str = "outputs") -> list[str]:
+    """Question ids our evaluator marked ``Status=no_features`` (the original tool has no such column)."""
+    return [q for q, r in match_output_rows(bench, rows, path).items() if r and (r.get("Status") or "") == "no_features"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -173,12 +174,16 @@ def _generate(model, features, questions: list[str], visual_embeds, settings: Ev
 
 
 def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, settings: EvalSettings,
-                           log: Callable[[str], None] | None = print) -> GenerationResult:
+                           log: Callable[[str], None] | None = print,
+                           done: dict[str, dict[str, Any]] | None = None,
+                           on_slide_done: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> GenerationResult:
     """Answer every item of `bench`; slides without a feature store are skipped and listed.
 
     With ``reuse_slide_encoding`` each slide's features are encoded once (``model.encode_slide``) and the
     projected tokens are passed as ``visual_embeds`` to batched ``generate`` calls; otherwise every question
     re-encodes its slide (the slow reference path measured by ``benchmarks/bench_eval_reuse.py``).
+    `done` holds answers from an interrupted run (their questions are not asked again); `on_slide_done`
+    receives each slide's new answers as soon as they exist (for the resumable partial file).
     """
     import torch
 
@@ -190,12 +195,22 @@ def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, setting
     skipped: list[str] = []
     t_load = t_enc = t_gen = 0.0
     common = {"MaxNewTokens": settings.max_new_tokens, "LetterInstruction": settings.answer_with_letter}
-    for k, (slide_id, items) in enumerate(by_slide.items()):
+    done = done or {}
+    n_new = 0
+    for k, (slide_id, all_items) in enumerate(by_slide.items()):
+        for it in all_items:
+            if it.qid in done:
+                outputs[it.qid] = done[it.qid]
+        items = [it for it in all_items if it.qid not in done]
+        if not items:
+            continue
         store = finder.find(slide_id)
         if store is None:
             for it in items:
                 skipped.append(it.qid)
                 outputs[it.qid] = {"Output": "", "Prediction": "", "Status": "no_features", **common}
+            if on_slide_done:
+                on_slide_done({it.qid: outputs[it.qid] for it in items})
             if log:
                 log(f"[{k + 1}/{len(by_slide)}] {slide_id}: no feature store, {len(items)} question(s) skipped")
             continue
@@ -222,11 +237,15 @@ def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, setting
         for it, ans in zip(items, answers):
             pred = extract_answer(ans, it.options) if it.is_choice else None
             outputs[it.qid] = {"Output": ans, "Prediction": pred or "", "Status": "ok", **common}
+        n_new += len(items)
+        if on_slide_done:
+            on_slide_done({it.qid: outputs[it.qid] for it in items})
         if log:
             log(f"[{k + 1}/{len(by_slide)}] {slide_id}: {feats.shape[0]} patches, {len(items)} question(s)")
-    n_done = len(bench.items) - len(skipped)
+    busy = t_load + t_enc + t_gen
     timing = {"load_s": t_load, "encode_s": t_enc, "generate_s": t_gen,
-              "questions_per_s": n_done / (t_load + t_enc + t_gen) if n_done and (t_load + t_enc + t_gen) > 0 else 0.0}
+              "questions_per_s": n_new / busy if n_new and busy > 0 else 0.0, "n_generated": n_new,
+              "n_resumed": sum(q in outputs for q in done)}
     return GenerationResult(outputs, skipped, timing)
 
 
@@ -235,10 +254,12 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
              settings: EvalSettings | None = None, slide_map: str | os.PathLike | None = None,
              train_manifests: Iterable[str | os.PathLike] = (), device: str | None = None,
              dtype: str | None = None, model=None, judge=None, limit: int | None = None,
-             log: Callable[[str], None] | None = print) -> dict[str, Any]:
+             log: Callable[[str], None] | None = print, resume: bool = True) -> dict[str, Any]:
     """Generate, score and report one benchmark into `out_dir`; returns the metrics dict.
 
-    `model` may be passed in (already loaded) to evaluate several benchmarks with one load.
+    `model` may be passed in (already loaded) to evaluate several benchmarks with one load. Answers are
+    appended per slide to `out_dir/.outputs.partial.jsonl`; with `resume` a rerun after a crash reuses
+    those made with the same settings and removes the file when done.
     """
     settings = settings or EvalSettings()
     bench = load_benchmark(benchmark, caption_prompt=settings.caption_prompt)
@@ -247,11 +268,22 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
     finder = StoreFinder(features_dir, read_slide_map(slide_map) if slide_map else None)
     if model is None:
         model = load_model(model_dir, llm, device, dtype)
-    t0 = time.perf_counter()
-    gen = generate_for_benchmark(model, bench, finder, settings, log=log)
-    wall = time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL_FILE
+    key = _resume_key(benchmark, model_dir, llm, settings, limit)
+    done = _read_partial(partial, key, log) if resume else {}
+    if not resume or not done:
+        partial.write_text(json.dumps({"resume_key": key}) + "\n")
+
+    def append(rows: dict[str, dict[str, Any]]) -> None:
+        with open(partial, "a") as fh:  # one line per answer, flushed per slide: a crash loses one slide at most
+            for q, v in rows.items():
+                fh.write(json.dumps({"qid": q, **v}) + "\n")
+
+    t0 = time.perf_counter()
+    gen = generate_for_benchmark(model, bench, finder, settings, log=log, done=done, on_slide_done=append)
+    wall = time.perf_counter() - t0
     write_outputs_csv(out / "outputs.csv", bench, gen.outputs, extra_columns=OUTPUT_EXTRA_COLUMNS)
     raw = {q: (v["Output"] if v.get("Status") == "ok" else None) for q, v in gen.outputs.items()}
     record = {
@@ -273,7 +305,46 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
         for line in summary_lines(metrics):
             log(line)
     warn_leakage(metrics)
+    partial.unlink(missing_ok=True)
     return metrics
+
+
+PARTIAL_FILE = ".outputs.partial.jsonl"
+
+
+def _resume_key(benchmark: Any, model_dir: Any, llm: Any, settings: EvalSettings, limit: int | None) -> dict[str, Any]:
+    """What must not change for answers of an interrupted run to be reused."""
+    b = Path(benchmark)
+    return {"benchmark": str(b.resolve()), "benchmark_mtime_ns": b.stat().st_mtime_ns,
+            "model": str(Path(model_dir).resolve()), "llm": str(llm) if llm else None,
+            "max_new_tokens": settings.max_new_tokens, "answer_with_letter": settings.answer_with_letter,
+            "greedy": settings.greedy, "caption_prompt": settings.caption_prompt, "limit": limit}
+
+
+def _read_partial(path: Path, key: dict[str, Any], log: Callable[[str], None] | None) -> dict[str, dict[str, Any]]:
+    """Answers of an interrupted run with the same settings (empty when none or when settings differ)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        head = {}
+    if head.get("resume_key") != key:
+        if log:
+            log(f"{path}: from a run with other settings; starting afresh")
+        return {}
+    done: dict[str, dict[str, Any]] = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by the crash
+            continue
+        if row.get("Status") == "ok":  # slides skipped for lack of features are looked up again
+            done[row.pop("qid")] = row
+    if log and done:
+        log(f"resuming: {len(done)} answer(s) from an interrupted run reused")
+    return done
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -300,6 +371,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT, help="prompt for caption CSVs without a question")
     p.add_argument("--judge", default=None, help="optional LLM-as-judge hook module:function(reference, hypothesis)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (smoke tests)")
+    p.add_argument("--no-resume", action="store_true", help="ignore answers left by an interrupted run")
     add_generation_arguments(p)
     a = p.parse_args(argv)
     settings = EvalSettings(max_new_tokens=a.max_new_tokens, answer_with_letter=a.answer_with_letter,
@@ -307,6 +379,6 @@ def main(argv: list[str]) -> int:
                             caption_prompt=a.caption_prompt)
     evaluate(a.benchmark, a.features_dir, a.model, a.out_dir, llm=a.llm, settings=settings, slide_map=a.slide_map,
              train_manifests=a.train_manifest, device=a.device, dtype=a.dtype, judge=load_judge(a.judge),
-             limit=a.limit, log=lambda s: print(s, file=sys.stderr))
+             limit=a.limit, log=lambda s: print(s, file=sys.stderr), resume=not a.no_resume)
     print(Path(a.out_dir) / "metrics.json")
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import re
 import sys
@@ -22,7 +21,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from preprocessing.atomic import write_json
-from slidechat.benchmarks_io import Benchmark, BenchItem, load_benchmark, match_outputs, read_outputs_csv
+from slidechat.benchmarks_io import (
+    Benchmark,
+    BenchItem,
+    load_benchmark,
+    match_outputs,
+    read_outputs_csv,
+    skipped_in_outputs,
+)
 
 # ------------------------------------------------------------------------------------- letter extractor
 
@@ -439,8 +445,7 @@ def main(argv: list[str]) -> int:
     bench = load_benchmark(a.benchmark)
     rows = read_outputs_csv(a.outputs)
     raw = match_outputs(bench, rows, a.outputs)
-    skipped = [_id for r in rows if (r.get("Status") or "") == "no_features"
-               for _id in [str(r.get("ID", ""))] if _id in raw]
+    skipped = skipped_in_outputs(bench, rows, a.outputs)
     metrics = score_outputs(bench, raw, skipped, a.train_manifest, settings={"outputs": a.outputs},
                             judge=load_judge(a.judge), n_boot=a.bootstrap)
     write_json(a.out, metrics)

@@ -160,3 +160,27 @@ def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="--features-dir"):
         cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(tmp_path / "nope"), "--model",
              str(model_dir), "--out-dir", str(tmp_path / "x")])
+
+
+def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_path):
+    from slidechat.evaluate import PARTIAL_FILE, _resume_key
+
+    bench_csv, feats = bench_setup
+    out = tmp_path / "eval"
+    settings = EvalSettings(max_new_tokens=4)
+    out.mkdir()
+    # what a run killed after its first slide leaves behind (the answer text marks it as reused)
+    lines = [{"resume_key": _resume_key(bench_csv, model_dir, None, settings, None)},
+             {"qid": "100", "Output": "B. from the first run", "Prediction": "B", "Status": "ok",
+              "MaxNewTokens": 4, "LetterInstruction": False},
+             {"qid": "103", "Output": "", "Prediction": "", "Status": "no_features"}]
+    (out / PARTIAL_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"qid\": \"10")
+    m = evaluate(bench_csv, feats, model_dir, out, settings=settings, model=model, log=None)
+    df = pd.read_csv(out / "outputs.csv", keep_default_na=False)
+    assert df.loc[df.ID == 100, "Output"].item() == "B. from the first run"
+    assert m["settings"]["n_resumed"] == 1 and m["settings"]["n_generated"] == 4
+    assert m["n_skipped_no_features"] == 1 and not (out / PARTIAL_FILE).exists()
+    # other settings: the partial file is not trusted
+    (out / PARTIAL_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    m2 = evaluate(bench_csv, feats, model_dir, out, settings=EvalSettings(max_new_tokens=3), model=model, log=None)
+    assert m2["settings"]["n_resumed"] == 0 and m2["settings"]["n_generated"] == 5
