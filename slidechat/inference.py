@@ -7,9 +7,10 @@ once). Intermediate outputs are cached per slide in ``--work-dir`` (default
 store (the extractor itself checks that a store matches the encoder and coordinates).
 
 The patch encoder comes from ``--encoder`` / ``--encoder-checkpoint`` / ``--transform``; when not given, the
-model directory's config is read for the keys ``feature_encoder``, ``feature_transform``,
-``feature_target_mpp`` and ``feature_patch_size`` (top level, or under ``features``), else ``conch_v1``
-(which needs ``--encoder-checkpoint``).
+model directory's JSON files are read for the keys ``feature_encoder``, ``feature_transform``,
+``feature_target_mpp`` and ``feature_patch_size`` (top level, or ``encoder``... under ``features``), then
+the attributes of a feature store named by its ``training_config.json`` (``data`` records or
+``features_dir``), else ``conch_v1`` (which needs ``--encoder-checkpoint``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,29 @@ def model_feature_config(model_dir: str | os.PathLike | None) -> dict[str, Any]:
                                ("target_mpp", "feature_target_mpp"), ("patch_size", "feature_patch_size")):
                 if src is not data and short in src and key not in out:
                     out[key] = src[short]
+    if "feature_encoder" not in out:
+        out.update({k: v for k, v in _features_from_training(Path(model_dir)).items() if k not in out})
     return out
+
+
+def _features_from_training(model_dir: Path) -> dict[str, Any]:
+    """Fallback: the attributes of a feature store the model was trained on (via training_config.json)."""
+    from preprocessing.stores import read_store_attrs
+
+    try:
+        cfg = json.loads((model_dir / "training_config.json").read_text())
+        stores: list[Path] = []
+        if cfg.get("data") and Path(cfg["data"]).is_file():
+            records = json.loads(Path(cfg["data"]).read_text())
+            stores = [Path(r["features"]) for r in records[:1] if isinstance(r, dict) and r.get("features")]
+        if not stores and cfg.get("features_dir") and Path(cfg["features_dir"]).is_dir():
+            stores = sorted(p for p in Path(cfg["features_dir"]).iterdir() if p.suffix in (".zarr", ".h5"))[:1]
+        attrs = read_store_attrs(stores[0]) if stores else {}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+    keys = {"encoder": "feature_encoder", "transform": "feature_transform", "target_mpp": "feature_target_mpp",
+            "patch_size": "feature_patch_size"}
+    return {new: attrs[old] for old, new in keys.items() if attrs.get(old) is not None}
 
 
 def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:

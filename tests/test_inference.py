@@ -93,3 +93,20 @@ def test_ask_errors_are_clear(model_dir, cmu_small, tmp_path):
     with pytest.raises(FileNotFoundError, match="--slide"):
         cli(["ask", "--slide", str(tmp_path / "none.svs"), "--question", "q", "--checkpoint", str(model_dir),
              "--work-dir", str(tmp_path / "w")])
+
+
+def test_model_feature_config_falls_back_to_the_training_stores(tmp_path):
+    import numpy as np
+
+    from preprocessing.stores import write_zarr_store
+
+    store = write_zarr_store(tmp_path / "feats" / "S1.zarr", np.zeros((2, 512), np.float32),
+                             np.zeros((2, 2), np.int64), None,
+                             {"encoder": "conch_tiny", "transform": "slidechat", "target_mpp": 0.5, "patch_size": 224})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"id": "0", "features": str(store)}]))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "training_config.json").write_text(json.dumps({"data": str(data), "features_dir": None}))
+    assert model_feature_config(model) == {"feature_encoder": "conch_tiny", "feature_transform": "slidechat",
+                                           "feature_target_mpp": 0.5, "feature_patch_size": 224}
