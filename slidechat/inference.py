@@ -42,7 +42,7 @@ class FeatureSettings:
     min_tissue_fraction: float = 0.5
     seg_preset: str | None = None
     batch_size: int = 64
-    num_workers: int = 0  # read patches in this process: a fork after OpenSlide/torch use here can hang
+    num_workers: int = 0  # one slide: read patches in this process (no reader processes to start)
 
 
 def model_feature_config(model_dir: str | os.PathLike | None) -> dict[str, Any]:
