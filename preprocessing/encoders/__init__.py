@@ -1,0 +1,306 @@
+"""Patch encoders: a small registry, built offline from local checkpoints.
+
+    from preprocessing.encoders import build_encoder
+    enc = build_encoder("conch_v1", checkpoint="weights/conch/pytorch_model.bin", transform="conch_official")
+    feats = enc(enc.preprocess(uint8_batch))        # uint8 [B, H, W, 3] -> [B, 512]
+
+Registered names: `conch_v1` (CONCH ViT-B/16, 512-d), `conch_tiny` (same code, small, random weights from a
+fixed seed, 512-d), `resnet50_trunc` (timm ResNet-50 cut after layer 3, 1024-d) and `timm:<model name>`
+(any timm model, pooled features). Nothing is ever downloaded: real encoders need `checkpoint` (config key
+`encoder_checkpoint`, option `--checkpoint`); `allow_random=True` builds them with seeded random weights for
+benchmarks and tests, and that is recorded (sha256 null, seed set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
+
+CHECKPOINT_CONFIG_KEY = "encoder_checkpoint"
+
+
+class EncoderCheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not match the encoder's architecture."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+def _require_checkpoint(path: str | os.PathLike, encoder: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EncoderCheckpointError(
+            f"checkpoint for encoder {encoder!r} not found: {p} "
+            f"(set the config key `{CHECKPOINT_CONFIG_KEY}` or the option --checkpoint to a local weights file)"
+        )
+    if not os.access(p, os.R_OK):
+        raise EncoderCheckpointError(
+            f"checkpoint for encoder {encoder!r} is not readable: {p} (config key `{CHECKPOINT_CONFIG_KEY}`)"
+        )
+    return p
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a `.bin/.pt/.pth` (torch, loaded with weights_only) or `.safetensors` checkpoint.
+
+    Unwraps `{"state_dict": ...}` / `{"model": ...}` and a DataParallel `module.` prefix.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any parse failure is the same user error: an unusable file
+        raise EncoderCheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); config key `{CHECKPOINT_CONFIG_KEY}`"
+        ) from exc
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderCheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+_HASH_LOCK = threading.Lock()
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "wsi-slidechat" / "checkpoint_sha256.json"
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint file, cached by (real path, mtime, size) so reruns do not re-hash gigabytes."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    with _HASH_LOCK:
+        if key in _HASH_MEMO:
+            return _HASH_MEMO[key]
+        cache_file = _hash_cache_file()
+        cache_key = f"{key[0]}|{key[1]}|{key[2]}"
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        digest = cache.get(cache_key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            digest = h.hexdigest()
+            cache[cache_key] = digest
+            try:
+                from preprocessing.atomic import write_json
+
+                write_json(cache_file, cache)
+            except OSError:
+                pass  # a read-only home only costs a re-hash next time
+        _HASH_MEMO[key] = digest
+        return digest
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module with random weights from `seed` without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+# --------------------------------------------------------------------------------------------------
+# The encoder wrapper
+# --------------------------------------------------------------------------------------------------
+class PatchEncoder(nn.Module):
+    """A patch encoder with its input transform: `enc(enc.preprocess(uint8 [B,H,W,3])) -> [B, D]`."""
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        transform: TransformSpec,
+        feature_dim: int,
+        config: dict,
+        checkpoint: Path | None,
+        checkpoint_sha256: str | None,
+        seed: int | None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.preprocessor = Preprocess(transform)
+        self.transform = transform
+        self.feature_dim = feature_dim
+        self.config = config
+        self.checkpoint = checkpoint
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.seed = seed
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.preprocessor.scale.device
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 `[B, H, W, 3]` -> normalised float `[B, 3, S, S]` on this module's device."""
+        return self.preprocessor(images)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def describe(self) -> dict:
+        """What identifies these features; recorded in every store and compared on resume."""
+        return {
+            "encoder": self.name,
+            "encoder_config": self.config,
+            "feature_dim": self.feature_dim,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "seed": self.seed,
+            "transform": self.transform.name,
+            "transform_spec": self.transform.to_dict(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+# A builder gets (checkpoint path or None, seed) and returns (model, feature_dim, config dict).
+Builder = Callable[[Path | None, int], tuple[nn.Module, int, dict]]
+
+
+@dataclass
+class EncoderEntry:
+    builder: Builder
+    default_transform: str
+    needs_checkpoint: bool  # False: random weights from the seed are the intended weights (tiny demo model)
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+ENCODERS: dict[str, EncoderEntry] = {}
+
+
+def register_encoder(name: str, default_transform: str, needs_checkpoint: bool = True, description: str = ""):
+    """Decorator adding a builder to the registry under `name`."""
+
+    def deco(fn: Builder) -> Builder:
+        ENCODERS[name] = EncoderEntry(fn, default_transform, needs_checkpoint, description)
+        return fn
+
+    return deco
+
+
+def available_encoders() -> list[str]:
+    return sorted(ENCODERS) + ["timm:<model name>"]
+
+
+@register_encoder("conch_v1", "conch_official", description="CONCH ViT-B/16 vision tower, 512-d")
+def _build_conch_v1(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
+    from .conch import CONCH_V1, ConchVisionTower, load_conch_checkpoint
+
+    model = seeded(seed, lambda: ConchVisionTower(CONCH_V1))
+    if checkpoint is not None:
+        load_conch_checkpoint(model, checkpoint)  # type: ignore[arg-type]
+    return model, CONCH_V1.embed_dim, {"arch": "conch_vision", **CONCH_V1.to_dict()}
+
+
+@register_encoder("conch_tiny", "slidechat", needs_checkpoint=False, description="tiny CONCH-architecture model, 512-d")
+def _build_conch_tiny(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
+    from .conch import CONCH_TINY, ConchVisionTower, load_conch_checkpoint
+
+    model = seeded(seed, lambda: ConchVisionTower(CONCH_TINY))
+    if checkpoint is not None:
+        load_conch_checkpoint(model, checkpoint)  # type: ignore[arg-type]
+    return model, CONCH_TINY.embed_dim, {"arch": "conch_vision", **CONCH_TINY.to_dict()}
+
+
+@register_encoder("resnet50_trunc", "imagenet", description="timm ResNet-50 truncated after layer 3, 1024-d")
+def _build_resnet50_trunc(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
+    from .timm_models import build_resnet50_trunc
+
+    return build_resnet50_trunc(checkpoint, seed)
+
+
+def build_encoder(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    transform: str | TransformSpec | None = None,
+    *,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    allow_random: bool = False,
+) -> PatchEncoder:
+    """Build a registered encoder (`conch_v1`, `conch_tiny`, `resnet50_trunc`, `timm:<name>`) offline.
+
+    `checkpoint` is a local weights file, loaded strictly. Encoders with published weights refuse to run
+    without one unless `allow_random=True` (benchmarks, tests); `transform` defaults to the encoder's own.
+    """
+    ckpt = _require_checkpoint(checkpoint, name) if checkpoint is not None else None
+    if name.startswith("timm:"):
+        from .timm_models import build_timm_model
+
+        if ckpt is None and not allow_random:
+            raise EncoderCheckpointError(
+                f"encoder {name!r} needs its weights: set the config key `{CHECKPOINT_CONFIG_KEY}` "
+                f"(option --checkpoint) to a local file (nothing is downloaded)"
+            )
+        model, dim, config, default_spec = build_timm_model(name[len("timm:") :], ckpt, seed)
+        spec = get_transform(transform) if transform is not None else default_spec
+    else:
+        if name not in ENCODERS:
+            raise ValueError(f"unknown encoder {name!r}; choose one of {available_encoders()} (option --encoder)")
+        entry = ENCODERS[name]
+        if ckpt is None and entry.needs_checkpoint and not allow_random:
+            raise EncoderCheckpointError(
+                f"encoder {name!r} needs its weights: set the config key `{CHECKPOINT_CONFIG_KEY}` "
+                f"(option --checkpoint) to a local file (nothing is downloaded)"
+            )
+        spec = get_transform(transform if transform is not None else entry.default_transform)
+        model, dim, config = entry.builder(ckpt, seed)
+    enc = PatchEncoder(
+        name=name,
+        model=model,
+        transform=spec,
+        feature_dim=dim,
+        config=config,
+        checkpoint=ckpt,
+        checkpoint_sha256=checkpoint_sha256(ckpt) if ckpt is not None else None,
+        seed=None if ckpt is not None else seed,
+    )
+    if device is not None:
+        enc.to(device)
+    return enc
+
+
+__all__ = [
+    "CHECKPOINT_CONFIG_KEY",
+    "ENCODERS",
+    "TRANSFORMS",
+    "EncoderCheckpointError",
+    "PatchEncoder",
+    "TransformSpec",
+    "available_encoders",
+    "build_encoder",
+    "checkpoint_sha256",
+    "get_transform",
+    "read_state_dict",
+    "register_encoder",
+]

@@ -1,0 +1,151 @@
+"""CONCH vision tower (our implementation) with strict loading of the official checkpoint.
+
+The architecture is that of CONCH ViT-B/16 (Lu et al., 2024): a timm `VisionTransformer` trunk
+(patch 16, 448 px position grid, resampled on the fly for other input sizes), an attentional pooler with
+one learned query attending over all trunk tokens, and a LayerNorm. The patch feature is the pooled,
+normalised query before the contrastive projection, i.e. the official
+`CoCa.encode_image(x, proj_contrast=False, normalize=False)`, 512-d.
+
+Parameter names follow the official checkpoint's `visual.*` keys exactly, so `pytorch_model.bin`
+loads with `strict=True`; the official loader uses `strict=False` and would silently run with random
+weights for any key it does not find. The text tower and the captioning decoder in the checkpoint are
+known, expected extras and are skipped; any other unknown key, or a missing one, is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from . import EncoderCheckpointError, read_state_dict
+
+# Keys of the full CoCa checkpoint that belong to the text side; the vision tower does not use them.
+NON_VISUAL_PREFIXES = ("text.", "text_decoder.", "logit_scale")
+
+
+@dataclass(frozen=True)
+class ConchVisionConfig:
+    """Shape of the CONCH vision tower. The defaults are CONCH v1 (ViT-B/16, 448 px)."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    image_size: int = 448  # size of the learned position grid; other input sizes are resampled
+    embed_dim: int = 512  # output feature size (attentional pooler width)
+    pooler_heads: int = 8
+    caption_pooler: bool = True  # present in the official weights; unused for features
+    embed_dim_caption: int = 768
+    n_queries_caption: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONCH_V1 = ConchVisionConfig()
+# Same code, small enough for the demo and tests on two CPU cores; output stays 512-d like CONCH.
+CONCH_TINY = ConchVisionConfig(width=64, layers=2, heads=4, image_size=224, caption_pooler=False)
+
+
+class AttentionalPooler(nn.Module):
+    """Learned queries attending over context tokens (cross-attention, LayerNorm on both sides)."""
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int, n_queries: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.attn = nn.MultiheadAttention(d_model, n_head, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_k(tokens)
+        q = self.ln_q(self.query).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return self.attn(q, kv, kv, need_weights=False)[0]
+
+
+class ConchVisionTower(nn.Module):
+    """CONCH image encoder: `forward(x [B,3,H,W]) -> [B, embed_dim]` unprojected, unnormalised features."""
+
+    def __init__(self, cfg: ConchVisionConfig = CONCH_V1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = VisionTransformer(
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.width,
+            depth=cfg.layers,
+            num_heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            num_classes=0,
+            dynamic_img_size=True,  # 224 px input on a 448 px position grid, as SlideChat's features were made
+        )
+        self.attn_pool_contrast = AttentionalPooler(cfg.embed_dim, cfg.width, cfg.pooler_heads, n_queries=1)
+        self.ln_contrast = nn.LayerNorm(cfg.embed_dim)
+        # Contrastive projection: part of the checkpoint, not of the feature (proj_contrast=False).
+        self.proj_contrast = nn.Parameter(cfg.embed_dim**-0.5 * torch.randn(cfg.embed_dim, cfg.embed_dim))
+        if cfg.caption_pooler:
+            self.attn_pool_caption = AttentionalPooler(
+                cfg.embed_dim_caption, cfg.width, cfg.pooler_heads, n_queries=cfg.n_queries_caption
+            )
+            self.ln_caption = nn.LayerNorm(cfg.embed_dim_caption)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.trunk.forward_features(x)
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+
+def conch_visual_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The vision tower's entries of a CONCH checkpoint (full CoCa `visual.*` or vision-only), prefix removed.
+
+    Raises `EncoderCheckpointError` naming any key that is neither visual nor a known text-side key.
+    """
+    if any(k.startswith("visual.") for k in state):
+        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        unknown = sorted(k for k in state if not k.startswith("visual.") and not k.startswith(NON_VISUAL_PREFIXES))
+        if unknown:
+            raise EncoderCheckpointError(
+                f"CONCH checkpoint {source}: unexpected keys outside the vision and text towers: {_names(unknown)}"
+            )
+        return visual
+    return dict(state)  # already a vision-tower-only state dict (e.g. saved from ConchVisionTower)
+
+
+def load_conch_checkpoint(model: ConchVisionTower, path: str | Path) -> None:
+    """Load a CONCH checkpoint strictly into `model`; position grid resampled when its size differs."""
+    state = conch_visual_state_dict(read_state_dict(path), str(path))
+    expected = model.state_dict()
+    pos = state.get("trunk.pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape != expected["trunk.pos_embed"].shape:
+        # As the official loader does: the checkpoint's grid is interpolated to the model's grid.
+        state["trunk.pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.trunk.patch_embed.grid_size), num_prefix_tokens=1, interpolation="bilinear",
+            antialias=False,
+        )
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_names(unexpected)}")
+        raise EncoderCheckpointError(f"CONCH checkpoint {path} does not match the architecture: " + "; ".join(parts))
+    bad_shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad_shapes:
+        raise EncoderCheckpointError(f"CONCH checkpoint {path}: shape mismatch: {_names(bad_shapes)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _names(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
