@@ -17,7 +17,7 @@ from slidechat.longnet import (
 )
 
 
-def dense_reference(q, k, v, segment_lengths, ratios):
+def dense_reference(q, k, v, segment_lengths, ratios, dtype=torch.float64):
     """Dilated attention with explicit per-branch [H, L, L] masks, combined by softmax normalisers.
 
     Definition (as the original torchscale code computes it): in branch (w, r) the sequence is
@@ -29,7 +29,7 @@ def dense_reference(q, k, v, segment_lengths, ratios):
     head does not own in a branch has lse = -1e8 there.
     """
     _, L, H, d = q.shape
-    qh, kh, vh = (t[0].transpose(0, 1).double() for t in (q, k, v))  # [H, L, d]
+    qh, kh, vh = (t[0].transpose(0, 1).to(dtype) for t in (q, k, v))  # [H, L, d]
     scores = qh @ kh.transpose(1, 2) / math.sqrt(d)  # [H, L, L]
     outs, lses = [], []
     pos = torch.arange(L)
@@ -40,7 +40,7 @@ def dense_reference(q, k, v, segment_lengths, ratios):
         slots = math.ceil(s / r)
         mask = torch.zeros(H, L, L, dtype=torch.bool)
         owned = torch.zeros(H, L, dtype=torch.bool)
-        n_zero = torch.zeros(H, L, dtype=torch.float64)
+        n_zero = torch.zeros(H, L, dtype=dtype)
         per_group = math.ceil(H / r)
         for j in range(H):
             o = j // per_group
@@ -48,20 +48,20 @@ def dense_reference(q, k, v, segment_lengths, ratios):
             owned[j] = mine
             mask[j] = mine[:, None] & mine[None, :] & (seg[:, None] == seg[None, :])
             # real keys in the query's segment for this head; the rest of the slots are zero keys
-            real = mask[j].sum(1).double()
+            real = mask[j].sum(1).to(dtype)
             n_zero[j] = torch.where(mine, slots - real, torch.zeros_like(real))
         masked = scores.masked_fill(~mask, float("-inf"))
         lse_real = torch.logsumexp(masked, dim=-1)  # -inf where no real key
         lse = torch.logaddexp(lse_real, torch.log(n_zero))  # zero keys add exp(0) each
-        probs = torch.exp(masked - lse[..., None])
+        probs = torch.nan_to_num(torch.exp(masked - lse[..., None]))  # rows without keys: 0
         out = probs @ vh  # zero keys contribute nothing to the numerator
         lse = torch.where(owned, lse, torch.full_like(lse, -1e8))
         lse = lse.masked_fill(lse == 0, -1e8)  # quirk of the original, kept for parity
         outs.append(torch.where(owned[..., None], out, torch.zeros_like(out)))
-        lses.append(lse)
+        lses.append(lse.detach())  # the original mixes branches with weights under no_grad
     w = torch.softmax(torch.stack(lses), dim=0)
     out = sum(o * wi[..., None] for o, wi in zip(outs, w))
-    return out.transpose(0, 1)[None].float()  # [1, L, H, d]
+    return out.transpose(0, 1)[None]  # [1, L, H, d]
 
 
 CASES = [
@@ -79,9 +79,21 @@ def test_dilated_attention_matches_dense_reference(heads, segs, ratios, length):
     d = 8
     q, k, v = (torch.randn(1, length, heads, d) for _ in range(3))
     ours = dilated_attention(q, k, v, segs, ratios)
-    ref = dense_reference(q, k, v, segs, ratios)
+    ref = dense_reference(q, k, v, segs, ratios).float()
     assert ours.shape == (1, length, heads, d)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [7, 37, 100])
+def test_dilated_attention_gradients_match_dense_reference(length):
+    torch.manual_seed(length)
+    q, k, v = (torch.randn(1, length, 4, 8, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, length, 4, 8)
+    (dilated_attention(q, k, v, [4, 8, 16], [1, 2, 4]) * g).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (dense_reference(*ref, [4, 8, 16], [1, 2, 4]) * g.double()).sum().backward()
+    for ours, r in zip((q, k, v), ref):
+        torch.testing.assert_close(ours.grad, r.grad.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_single_full_branch_is_plain_attention():
