@@ -260,7 +260,8 @@ class PartialZarrStore:
         """Write row chunk `i` and then its marker; `info` (e.g. the chunk's read errors) goes in the marker."""
         a, b = self.chunk_rows_of(i)
         arr = self.group["features"]
-        data = features.astype(arr.dtype, copy=False)
+        with np.errstate(over="ignore"):  # overflow is detected and reported just below
+            data = features.astype(arr.dtype, copy=False)
         if not np.isfinite(data).all():
             raise StoreError(
                 f"{self.path}: non-finite features in rows {a}..{b - 1} after casting to {arr.dtype} "

@@ -1,0 +1,287 @@
+"""Batched extraction: stores match the coords row for row, resume after a kill, corrupt tiles, real slide."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from preprocessing.encoders import build_encoder
+from preprocessing.extract import ExtractOptions, SlideJob, extract_slide, extract_slides, main, plan_regions
+from preprocessing.slide import WholeSlide, resize
+from preprocessing.stores import StoreError, load_features
+from preprocessing.synthetic import Scene, write_synthetic_svs
+from preprocessing.tiling import load_coords, tile_slide
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 256
+
+
+def _tile(slide: Path, out: Path) -> Path:
+    # 0.25 µm/px slide tiled at 0.5 µm/px: 448 px reads at level 0 resized to 224, the common 40x case
+    return tile_slide(slide, out, target_mpp=0.5, patch_size=224, min_tissue_fraction=0.05)
+
+
+def _hits(xy: np.ndarray, bx: int, by: int, size0: int = 448) -> np.ndarray:
+    """Patches (level-0 extent `size0`) overlapping the tile with top-left (bx, by)."""
+    return (xy[:, 0] < bx + TILE) & (xy[:, 0] + size0 > bx) & (xy[:, 1] < by + TILE) & (xy[:, 1] + size0 > by)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> dict:
+    """A synthetic 40x JPEG Aperio slide, its coords file, and a copy with one corrupt JPEG tile."""
+    root = tmp_path_factory.mktemp("synth")
+    slide = write_synthetic_svs(root / "syn-a.svs", Scene.random(2048, 2048, "adenocarcinoma", seed=3),
+                                mpp=0.25, downsamples=(4,), tile=TILE)
+    coords = _tile(slide, root / "tiles")
+    bad_dir = root / "bad"
+    bad_dir.mkdir()
+    bad = bad_dir / "syn-a.svs"  # same slide id, so the same coords file applies
+    shutil.copy(slide, bad)
+    xy, _ = load_coords(coords)
+    # corrupt the level-0 tile that the most patches overlap (a corner shared by several 448 px patches)
+    tx, ty = max(((i, j) for i in range(2048 // TILE) for j in range(2048 // TILE)),
+                 key=lambda t: int(_hits(xy, t[0] * TILE, t[1] * TILE).sum()))
+    with tifffile.TiffFile(bad) as tf:
+        page = tf.pages[0]
+        index = ty * (page.imagewidth // TILE + (page.imagewidth % TILE > 0)) + tx
+        offset, nbytes = page.dataoffsets[index], page.databytecounts[index]
+    with open(bad, "r+b") as f:
+        f.seek(offset)
+        f.write(np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    return {"slide": slide, "coords": coords, "bad": bad, "bad_tile": (tx * TILE, ty * TILE), "root": root}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_encoder("conch_tiny")
+
+
+def naive_features(slide: Path, coords_h5: Path, enc, rows: np.ndarray) -> np.ndarray:
+    """One read_region per patch, as CLAM/TRIDENT do: the reference for the region-cut data path."""
+    xy, attrs = load_coords(coords_h5)
+    rs, ps, level = int(attrs["read_size"]), int(attrs["patch_size"]), int(attrs["read_level"])
+    with WholeSlide(slide) as ws:
+        patches = np.stack([resize(ws.read_region(tuple(int(v) for v in xy[r]), level, (rs, rs)), (ps, ps)) for r in rows])
+    with torch.inference_mode():
+        return enc(enc.preprocess(torch.from_numpy(patches))).numpy()
+
+
+def test_store_matches_coords_row_for_row(synth, tiny, tmp_path):
+    out = extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0, batch_size=5, chunk_rows=4)
+    assert out == tmp_path / "syn-a.zarr" and out.is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "partial store left behind"
+    xy, cattrs = load_coords(synth["coords"])
+    assert len(xy) >= 6
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r")
+    assert g["features"].shape == (len(xy), 512) and str(g["features"].dtype) == "float16"
+    assert g["features"].chunks == (4, 512)
+    assert str(g["coords"].dtype) == "int32"
+    np.testing.assert_array_equal(g["coords"][:], xy)
+    assert g["valid"][:].all()
+    attrs = dict(g.attrs)
+    for key in ("encoder", "checkpoint_sha256", "seed", "transform", "transform_spec", "target_mpp", "patch_size",
+                "read_level", "read_size", "software", "coords_sha256", "slide_id", "n_patches", "n_valid"):
+        assert key in attrs, key
+    assert attrs["encoder"] == "conch_tiny" and attrs["transform"] == "slidechat" and attrs["seed"] == 0
+    assert attrs["checkpoint_sha256"] is None and attrs["target_mpp"] == 0.5 and attrs["read_size"] == 448
+    assert attrs["patch_size"] == 224 and attrs["n_valid"] == len(xy) and attrs["precision"] == "fp32"
+    assert attrs["software"]["wsi-slidechat"] and attrs["coords_attrs"]["mpp_level0"] == cattrs["mpp_level0"]
+
+    fs = load_features(out)
+    np.testing.assert_array_equal(fs.coords, xy)
+    rows = np.arange(len(xy))
+    ref = naive_features(synth["slide"], synth["coords"], tiny, rows)
+    # level 0: cutting patches out of a region gives exactly the per-patch pixels; fp16 storage rounding only
+    np.testing.assert_allclose(fs.features, ref, atol=2e-2, rtol=2e-3)
+    assert np.abs(fs.features).max() > 0.1
+
+
+def test_h5_store_reads_like_clam(synth, tmp_path):
+    z = extract_slide(synth["slide"], synth["coords"], tmp_path / "z", num_workers=0, chunk_rows=8)
+    h = extract_slide(synth["slide"], synth["coords"], tmp_path / "h", num_workers=0, fmt="h5", chunk_rows=8)
+    assert h == tmp_path / "h" / "syn-a.h5"
+    assert not [p for p in (tmp_path / "h").iterdir() if p.name.startswith(".")]
+    xy, cattrs = load_coords(synth["coords"])
+    with h5py.File(h, "r") as f:  # what CLAM's / TRIDENT's loaders do
+        feats = f["features"][:]
+        coords = f["coords"][:]
+        assert f["coords"].attrs["patch_size"] == 224 and f["coords"].attrs["patch_level"] == cattrs["patch_level"]
+        assert f.attrs["encoder"] == "conch_tiny"
+    assert feats.dtype == np.float32 and feats.shape == (len(xy), 512)
+    np.testing.assert_array_equal(coords, xy)
+    np.testing.assert_allclose(feats, load_features(z).features, atol=2e-2, rtol=2e-3)
+    fs = load_features(h)
+    assert fs.attrs["transform_spec"]["size"] == 224 and fs.slide_id == "syn-a"
+
+
+def test_rerun_is_a_noop_and_other_parameters_never_mix(synth, tmp_path):
+    out = extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0)
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    calls = []
+    extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0, _after_chunk=lambda s, i: calls.append(i))
+    assert calls == [] and (out / "zarr.json").stat().st_mtime_ns == stamp
+    with pytest.raises(StoreError, match="transform"):
+        extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0, transform="conch_official")
+    with pytest.raises(StoreError, match="seed"):
+        extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0, seed=1)
+    extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0, seed=1, overwrite=True)
+    assert load_features(out).attrs["seed"] == 1
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_features(synth, tmp_path):
+    kw = dict(num_workers=0, batch_size=3, chunk_rows=2, dtype="float32")
+    ref = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "ref", **kw))
+
+    def die_after_two(slide_id: str, chunk: int) -> None:
+        if chunk == 1:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        extract_slide(synth["slide"], synth["coords"], tmp_path / "run", _after_chunk=die_after_two, **kw)
+    assert not (tmp_path / "run" / "syn-a.zarr").exists()  # no half store under the final name
+    partial = tmp_path / "run" / ".syn-a.zarr.partial.zarr"
+    assert sorted(p.name for p in (partial / ".progress").iterdir()) == ["0", "1"]
+
+    # resuming with other parameters is refused instead of mixing
+    with pytest.raises(StoreError, match="refusing to mix"):
+        extract_slide(synth["slide"], synth["coords"], tmp_path / "run", **{**kw, "dtype": "float16"})
+
+    resumed = []
+    out = extract_slide(synth["slide"], synth["coords"], tmp_path / "run", _after_chunk=lambda s, i: resumed.append(i), **kw)
+    n_chunks = -(-len(ref) // 2)
+    assert sorted(resumed) == list(range(2, n_chunks))  # only the missing chunks were computed
+    got = load_features(out)
+    np.testing.assert_array_equal(got.coords, ref.coords)
+    np.testing.assert_allclose(got.features, ref.features, atol=1e-5, rtol=1e-5)
+    assert not partial.exists()
+
+
+def test_sigkilled_cli_run_resumes(synth, tmp_path):
+    """A real SIGKILL of `python -m preprocessing extract` (reader pool running), then a rerun."""
+    out = tmp_path / "feats"
+    cmd = [sys.executable, "-m", "preprocessing", "extract", "--slide", str(synth["slide"]), "--coords",
+           str(synth["coords"]), "--out", str(out), "--num-workers", "1", "--batch-size", "1", "--chunk-rows", "1",
+           "--dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    progress = out / ".syn-a.zarr.partial.zarr" / ".progress"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.is_dir() and any(p.name.isdigit() for p in progress.iterdir()):
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail(f"extraction ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "syn-a.zarr").exists()
+    done_before = {p.name for p in progress.iterdir() if p.name.isdigit()}
+    assert done_before
+    assert main(["--slide", str(synth["slide"]), "--coords", str(synth["coords"]), "--out", str(out),
+                 "--num-workers", "0", "--chunk-rows", "1", "--dtype", "float32"]) == 0
+    ref = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "ref", num_workers=0, dtype="float32"))
+    got = load_features(out / "syn-a.zarr")
+    np.testing.assert_allclose(got.features, ref.features, atol=1e-5, rtol=1e-5)
+
+
+def test_corrupt_tile_marks_only_its_patches_invalid(synth, tiny, tmp_path):
+    xy, attrs = load_coords(synth["coords"])
+    hit = _hits(xy, *synth["bad_tile"])
+    assert 2 <= hit.sum() < len(xy)
+    clean = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "clean", num_workers=0,
+                                        dtype="float32"))
+    for workers in (0, 1):
+        out = extract_slide(synth["bad"], synth["coords"], tmp_path / f"bad{workers}", num_workers=workers,
+                            dtype="float32", chunk_rows=3)
+        import zarr
+
+        g = zarr.open_group(str(out), mode="r")
+        np.testing.assert_array_equal(g["valid"][:], ~hit)
+        assert np.all(g["features"][:][hit] == 0)
+        a = dict(g.attrs)
+        assert a["n_valid"] == int((~hit).sum())
+        assert sorted(e["index"] for e in a["invalid"]) == np.flatnonzero(hit).tolist()
+        assert all("JPEG" in e["error"] or "read" in e["error"] for e in a["invalid"])
+        fs = load_features(out)
+        np.testing.assert_array_equal(fs.coords, xy[~hit])
+        # patches in the same region as the bad tile were re-read one by one and are intact
+        np.testing.assert_allclose(fs.features, clean.features[~hit], atol=1e-5, rtol=1e-5)
+
+
+def test_one_pool_for_several_slides(synth, tmp_path):
+    second = write_synthetic_svs(tmp_path / "syn-b.svs", Scene.random(1536, 1536, "lymphoid", seed=4), mpp=0.25,
+                                 downsamples=(4,), tile=TILE)
+    coords_b = _tile(second, tmp_path / "tiles")
+    jobs = [SlideJob(synth["slide"], synth["coords"]), SlideJob(second, coords_b)]
+    outs = extract_slides(jobs, tmp_path / "pool", num_workers=2, batch_size=7, chunk_rows=5, dtype="float32",
+                          region_px=900)
+    assert [p.name for p in outs] == ["syn-a.zarr", "syn-b.zarr"]
+    for job, out in zip(jobs, outs):
+        single = extract_slide(job.slide, job.coords, tmp_path / "single", num_workers=0, dtype="float32")
+        a, b = load_features(out), load_features(single)
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_allclose(a.features, b.features, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_regions_cover_each_row_once():
+    xs, ys = np.meshgrid(np.arange(0, 4480, 448), np.arange(0, 2240, 448))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    rows = np.arange(len(coords))[::2]  # sparse subset, as when resuming
+    groups = plan_regions(coords, rows, (1.0, 1.0), 448, 1000)
+    assert sorted(np.concatenate(groups).tolist()) == rows.tolist()
+    for g in groups:  # each region holds at most 2x2 patches of 448 px for a 1000 px budget
+        assert np.ptp(coords[g, 0]) <= 448 and np.ptp(coords[g, 1]) <= 448
+    assert [g.min() for g in groups] == sorted(g.min() for g in groups)
+
+
+def test_empty_coords_give_an_empty_store(synth, tmp_path):
+    from preprocessing.tiling import write_coords_h5
+
+    _, attrs = load_coords(synth["coords"])
+    empty = tmp_path / "syn-a.h5"
+    write_coords_h5(empty, np.zeros((0, 2), np.int64), np.zeros(0), {**attrs, "status": "no_tissue"})
+    out = extract_slide(synth["slide"], empty, tmp_path / "f", num_workers=0)
+    fs = load_features(out)
+    assert fs.features.shape == (0, 512) and fs.attrs["status"] == "no_tissue"
+
+
+def test_end_to_end_cmu_small_region_with_cli(cmu_small, tmp_path, capsys):
+    coords = tile_slide(cmu_small, tmp_path / "tiles")
+    xy, _ = load_coords(coords)
+    rc = main(["--slide", str(cmu_small), "--coords", str(coords), "--encoder", "conch_tiny", "--out",
+               str(tmp_path / "feats"), "--num-workers", "1"])
+    assert rc == 0
+    store = tmp_path / "feats" / "CMU-1-Small-Region.zarr"
+    assert str(store) in capsys.readouterr().out
+    fs = load_features(store)
+    assert fs.features.shape == (len(xy), 512) and np.isfinite(fs.features).all()
+    np.testing.assert_array_equal(fs.coords, xy)
+    assert fs.attrs["mpp_level0"] == pytest.approx(0.499, abs=1e-3)
+    # distinct tissue patches give distinct features
+    assert np.unique(np.round(fs.features, 2), axis=0).shape[0] == len(xy)
+    # missing checkpoint for a real encoder: a clear error naming the option, exit code 1
+    rc = main(["--slide", str(cmu_small), "--coords", str(coords), "--encoder", "conch_v1", "--out", str(tmp_path / "x")])
+    assert rc == 1 and "encoder_checkpoint" in capsys.readouterr().err
+
+
+def test_options_validate():
+    with pytest.raises(ValueError, match="format"):
+        ExtractOptions(fmt="parquet")
+    assert ExtractOptions().store_dtype == "float16" and ExtractOptions(fmt="h5").store_dtype == "float32"
