@@ -6,6 +6,10 @@ SlideInstruction format, and for the test split a SlideBench-VQA (TCGA)-format C
 features can tell the answer: captions use varied words, multiple-choice options are shuffled with the
 correct letter balanced over A-D (so always answering one letter scores about 25%), and test questions use
 the same styles on held-out slides.
+
+Multiple-choice replies name the chosen option's text ("Lymphoid tissue."), not its letter: the scorer
+maps option text to the letter, and a tiny random LLM trained for minutes on a CPU learns to recognise
+the tissue far sooner than to look up which letter stands before the matching option.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ def make_demo_instructions(
             options, right = multiple_choice(cls, kind, letter, rng)
             vqa.append({"id": f"{sid}::mc{k}", "image": [f"{sid}.zarr"], "conversations": [
                 {"from": "human", "value": format_mc_prompt(rng.choice(pool), options)},
-                {"from": "gpt", "value": f"{letter}. {right}"}]})
+                {"from": "gpt", "value": f"{right}."}]})
         for k in range(open_per_slide):
             t = CLASS_TEXT[cls]
             vqa.append({"id": f"{sid}::open{k}", "image": [f"{sid}.zarr"], "conversations": [

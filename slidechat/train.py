@@ -1,0 +1,750 @@
+"""Two-stage SlideChat training: a plain PyTorch loop for one process, DeepSpeed ZeRO under a launcher.
+
+Stage 1 (cross-domain alignment): the LLM is frozen, the slide encoder and projector learn from captions.
+Stage 2 (visual instruction learning): starts from stage 1 (`--init`); slide encoder, projector and LLM are
+all trained (or LoRA adapters on the LLM with `--lora`).
+
+Checkpoints (trainable weights, optimizer, scheduler, data position, RNG states) go to `--work-dir`, which
+lies outside the rule's declared output; a rerun resumes from the newest one. The declared output `--out` is
+the final model directory, written atomically with `SlideChat.save_pretrained`, together with the training
+log (`train_log.csv`) and curves (`training_curves.png`). TensorBoard events are in `<work-dir>/tensorboard`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from preprocessing.atomic import atomic_path, write_json
+
+# Issue defaults; configs/train_stage{1,2}.yaml hold the same values.
+STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: {"lr": 1e-3, "max_length": 51200, "epochs": 3, "grad_clip": 1.0},
+    2: {"lr": 2e-5, "max_length": 19600, "epochs": 1, "grad_clip": 1.0},
+}
+LOG_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "patches_per_s", "grad_norm"]
+CKPT_PREFIX = "checkpoint-"
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; YAML keys and CLI flags use the same names."""
+
+    stage: int = 1
+    data: str = ""
+    out: str = ""
+    work_dir: str = ""
+    features_dir: str | None = None
+    llm: str | None = None
+    init: str | None = None  # stage 2: the stage-1 model directory
+    lr: float | None = None  # None = stage default
+    epochs: int | None = None
+    max_steps: int | None = None  # cap on optimizer steps (after epochs are laid out)
+    batch_size: int = 1
+    grad_accum: int = 8
+    max_length: int | None = None
+    max_patches: int | None = None  # None = the model config's max_patches_train
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: int = 2
+    log_steps: int = 1
+    stop_after_step: int | None = None  # save a checkpoint after this step and exit (tests a kill + resume)
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    load_in_4bit: bool = False  # stage 1: frozen LLM in bitsandbytes NF4 (GPU only)
+    bf16: bool | None = None  # None = on when CUDA is available
+    gradient_checkpointing: bool | None = None  # None = on when CUDA is available
+    deepspeed: str | None = None  # DeepSpeed JSON config; used when launched by deepspeed/torchrun
+    num_workers: int = 0
+    curves: str | None = None  # also write the loss/lr PNG here (e.g. a Snakemake report output)
+    gpus_per_node: int = 0  # > 1 outside a launcher: re-run this command under torchrun + DeepSpeed
+    model: dict[str, Any] = field(default_factory=dict)  # SlideChatConfig fields for a new model (stage 1)
+
+    def resolved(self) -> "TrainConfig":
+        """Fill stage defaults and check what is required, naming the option at fault."""
+        c = dataclasses.replace(self)
+        if c.stage not in (1, 2):
+            raise ValueError(f"--stage must be 1 or 2, got {c.stage}")
+        for k, v in STAGE_DEFAULTS[c.stage].items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        for name in ("data", "out", "work_dir"):
+            if not getattr(c, name):
+                raise ValueError(f"--{name.replace('_', '-')} is required")
+        if not Path(c.data).is_file():
+            raise FileNotFoundError(f"training data not found: {c.data} (option --data)")
+        if c.stage == 1 and not c.llm and not c.init:
+            raise ValueError("stage 1 needs --llm (a local Hugging Face LLM directory)")
+        if c.stage == 2 and not c.init:
+            raise ValueError("stage 2 needs --init (the stage-1 model directory)")
+        for name in ("llm", "init", "features_dir", "deepspeed"):
+            p = getattr(c, name)
+            if p and not Path(p).exists():
+                raise FileNotFoundError(f"{p} not found (option --{name.replace('_', '-')})")
+        if c.load_in_4bit:
+            if c.stage != 1:
+                raise ValueError("--load-in-4bit is for stage 1, where the LLM is frozen")
+            if not torch.cuda.is_available():
+                raise RuntimeError("--load-in-4bit (bitsandbytes NF4) needs a CUDA GPU; this machine has none")
+        c.betas = tuple(c.betas)  # type: ignore[assignment]
+        return c
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def evenly_spaced(n: int, cap: int | None) -> np.ndarray:
+    """Indices of at most `cap` rows spread evenly over n (the original's np.linspace patch cap)."""
+    if cap is None or n <= cap:
+        return np.arange(n)
+    return np.linspace(0, n - 1, cap, dtype=int)
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Records from `slidechat build-instructions`; features are read lazily from the stores per item."""
+
+    def __init__(self, records: list[dict], tokenizer: Any, features_dir: str | None = None,
+                 max_length: int | None = None, max_patches: int | None = None, cache_slides: int = 32) -> None:
+        self.records = records
+        self.tokenizer = tokenizer
+        self.features_dir = Path(features_dir) if features_dir else None
+        self.max_length = max_length
+        self.max_patches = max_patches
+        self._index: dict[str, Path] | None = None
+        # Records repeat slides (many questions per slide): keep the last few slides' features in memory.
+        self.cache_slides = cache_slides
+        self._cache: OrderedDict[Path, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, tokenizer: Any, **kw: Any) -> "InstructionDataset":
+        return cls(json.loads(Path(path).read_text()), tokenizer, **kw)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def store_path(self, rec: dict) -> Path:
+        """The record's store: by slide id in --features-dir when given (stores may have moved), else its path."""
+        from slidechat.instructions import index_feature_stores, normalize_slide_id
+
+        sid = rec.get("slide_id") or normalize_slide_id(rec["image"][0])
+        if self.features_dir is not None:
+            if self._index is None:
+                self._index = index_feature_stores(self.features_dir)
+            if sid in self._index:
+                return self._index[sid]
+        if rec.get("features") and Path(rec["features"]).exists():
+            return Path(rec["features"])
+        raise FileNotFoundError(f"no feature store for slide {sid!r} (record {rec.get('id')}) in "
+                                f"{self.features_dir or 'the record'}; run build-instructions against --features-dir")
+
+    def load_features(self, rec: dict) -> torch.Tensor:
+        from preprocessing.stores import load_features
+
+        path = self.store_path(rec)
+        if path in self._cache:
+            self._cache.move_to_end(path)
+            return self._cache[path]
+        feats = load_features(path).features
+        x = torch.from_numpy(np.ascontiguousarray(feats[evenly_spaced(len(feats), self.max_patches)], np.float32))
+        if self.cache_slides > 0:
+            self._cache[path] = x
+            while len(self._cache) > self.cache_slides:
+                self._cache.popitem(last=False)
+        return x
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from slidechat.template import tokenize_conversation
+
+        rec = self.records[i]
+        tok = tokenize_conversation(self.tokenizer, rec["conversations"], max_length=self.max_length)
+        return {"features": self.load_features(rec), "input_ids": torch.tensor(tok["input_ids"], dtype=torch.long),
+                "labels": torch.tensor(tok["labels"], dtype=torch.long), "id": rec.get("id")}
+
+
+def collate(batch: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Right-pad input_ids (pad id) and labels (-100); features stay a list (one variable-length slide each)."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k], labels[i, :k], mask[i, :k] = b["input_ids"], b["labels"], 1
+    return {"features": [b["features"] for b in batch], "input_ids": ids, "attention_mask": mask, "labels": labels,
+            "ids": [b.get("id") for b in batch]}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a permutation that depends only on (seed, epoch), so resume can replay it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def micro_batches(n_records: int, batch_size: int, seed: int, epochs: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """All micro-batches of the run, epoch after epoch (each rank takes every world-th batch)."""
+    out = []
+    for e in range(epochs):
+        order = epoch_order(n_records, seed, e)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        out.extend(batches[rank::world])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Named parameters of the three parts: `slide_encoder` (LongNet), `projector` and `llm`."""
+    prefixes = {"slide_encoder": "LongNet_encoder.", "projector": "projector.", "llm": "llm."}
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in prefixes}
+    for name, p in model.named_parameters():
+        for group, prefix in prefixes.items():
+            if name.startswith(prefix):
+                groups[group].append((name, p))
+                break
+        else:
+            raise ValueError(f"parameter {name} belongs to no known part of SlideChat")
+    return groups
+
+
+def _load_4bit_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
+    """Stage 1 with the frozen LLM in bitsandbytes NF4 (as the original), new encoder + projector in fp32."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("--load-in-4bit needs bitsandbytes: pip install -c constraints.txt bitsandbytes") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from slidechat.model import SlideChat
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, quantization_config=quant, local_files_only=True,
+                                               torch_dtype=torch.bfloat16)
+    return SlideChat(llm, AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True), mcfg, llm_source=str(cfg.llm))
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """Stage 1: a new slide encoder + projector on the local LLM, LLM frozen. Stage 2: stage-1 model, all trainable."""
+    from slidechat.model import SlideChat, SlideChatConfig
+
+    if cfg.stage == 1 and not cfg.init:
+        model_kw = dict(cfg.model)
+        if cfg.max_patches is not None:
+            model_kw["max_patches_train"] = cfg.max_patches
+        mcfg = SlideChatConfig(**model_kw)
+        model = _load_4bit_model(cfg, mcfg) if cfg.load_in_4bit else SlideChat.from_llm(cfg.llm, mcfg)
+    else:
+        model = SlideChat.from_pretrained(cfg.init, llm=cfg.llm)
+        for k, v in cfg.model.items():  # the architecture comes from --init; only say when flags disagree
+            if k in ("context", "bypass_slide_encoder") and getattr(model.config, k) != v:
+                print(f"note: {k}={getattr(model.config, k)!r} from {cfg.init} kept (flag asked {v!r})", flush=True)
+        if cfg.max_patches is not None:
+            model.config.max_patches_train = cfg.max_patches
+    for name, p in model.named_parameters():
+        p.requires_grad_(not (cfg.stage == 1 and name.startswith("llm.")) and p.is_floating_point())
+    if cfg.stage == 2 and cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model.llm = get_peft_model(model.llm, lcfg)  # freezes the base LLM, adapters trainable
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model.llm, "config", None) is not None:
+            model.llm.config.use_cache = False
+    return model
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
+    """LR multiplier: linear warm-up over warmup_ratio of the steps, then cosine to min_ratio."""
+    warm = int(math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def list_checkpoints(work_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in work_dir, oldest first (temporary dirs of an interrupted save are ignored)."""
+    root = Path(work_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(CKPT_PREFIX + r"\d+", p.name)
+             and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(work_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint-<step> atomically, then drop the oldest beyond `keep` (never the new one)."""
+    final = work_dir / f"{CKPT_PREFIX}{step:08d}"
+    with atomic_path(final, is_dir=True) as tmp:
+        torch.save(trainable_state(model), tmp / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "optim.pt")
+        write_json(tmp / "trainer_state.json", {**state, "step": step})
+    if keep > 0:
+        for old in list_checkpoints(work_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+    weights = torch.load(path / "trainable.pt", map_location="cpu")
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks trainable parameters (e.g. {missing[:3]}); was it written by "
+                           "a run with other settings? Remove the work dir to start over.")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    other = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)  # our own file
+    optimizer.load_state_dict(other["optimizer"])
+    scheduler.load_state_dict(other["scheduler"])
+    _set_rng_state(other["rng"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------------- logs
+
+
+class TrainLog:
+    """Per-step metrics to CSV (kept across resumes, cut back to the resumed step) and TensorBoard."""
+
+    def __init__(self, work_dir: Path, start_step: int, enabled: bool = True) -> None:
+        self.csv_path = work_dir / "train_log.csv"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        rows = []
+        if self.csv_path.exists() and start_step > 0:
+            with open(self.csv_path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= start_step]
+        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.csv_path, "a", newline="") as fh:  # appended line by line: a killed run keeps its log
+            csv.DictWriter(fh, fieldnames=LOG_COLUMNS).writerow(row)
+        for k, v in row.items():
+            if k != "step":
+                self.writer.add_scalar(f"train/{k}", v, int(row["step"]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def deepspeed_config(path: str, cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
+    """Our DeepSpeed JSON with its "auto" values filled from the training config."""
+    ds = json.loads(Path(path).read_text())
+    fill = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip or 0.0}
+    for k, v in fill.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    for key, on in (("bf16", bf16), ("fp16", False)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = on
+    return ds
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) one training stage; returns the final model directory `cfg.out`."""
+    cfg = cfg.resolved()
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if cfg.bf16 is None else cfg.bf16
+    if cfg.gradient_checkpointing is None:
+        cfg.gradient_checkpointing = cuda
+    rank, world, local_rank = _dist_info()
+    use_ds = cfg.deepspeed is not None
+    if world > 1 and not use_ds:
+        raise RuntimeError("launched with several processes but without --deepspeed CONFIG "
+                           "(multi-GPU training runs under DeepSpeed ZeRO; see configs/deepspeed/)")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if cfg.max_patches is None:
+        cfg.max_patches = model.config.max_patches_train
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir,
+                                        max_length=cfg.max_length, max_patches=cfg.max_patches)
+    if len(data) == 0:
+        raise ValueError(f"{cfg.data} holds no training records")
+    batches = micro_batches(len(data), cfg.batch_size, cfg.seed, cfg.epochs, rank, world)
+    total_steps = math.ceil(len(batches) / cfg.grad_accum)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio,
+                                                                                cfg.min_lr_ratio))
+    engine = None
+    if use_ds:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg.deepspeed, cfg, bf16))
+
+    start_step, state = 0, {}
+    ckpts = list_checkpoints(work_dir)
+    if ckpts:
+        if engine is not None:
+            _, state = engine.load_checkpoint(str(work_dir), tag=ckpts[-1].name)
+            state = state or json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        else:
+            state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+        start_step = int(state["step"])
+        if rank == 0:
+            print(f"resuming from {ckpts[-1]} (step {start_step}/{total_steps})", flush=True)
+    log = TrainLog(work_dir, start_step, enabled=rank == 0)
+    loader_order = batches[start_step * cfg.grad_accum: total_steps * cfg.grad_accum]
+    loader = torch.utils.data.DataLoader(
+        _Subset(data, loader_order), batch_size=None, num_workers=cfg.num_workers,
+        collate_fn=lambda b: collate(b, pad_id),
+        generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG stays as checkpointed
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and cuda and engine is None)
+
+    model.train()
+    step, micro, good_state = start_step, 0, state
+    acc = _Acc()
+    t0 = time.perf_counter()
+    try:
+        for batch in loader:
+            n_in_step = min(cfg.grad_accum, len(batches) - step * cfg.grad_accum)
+            feats = [f.to(device) for f in batch["features"]]
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            with autocast:
+                out = (engine or model)(features=feats, **inputs)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step + 1} (records {batch.get('ids')}); stopping. The last good "
+                    f"checkpoint is kept in {work_dir}; lower --lr or check the data, then rerun to resume from it.")
+            acc.add(loss.item(), int(inputs["attention_mask"].sum()) + sum(len(f) for f in feats) - len(feats),
+                    sum(len(f) for f in feats))
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                (loss / n_in_step).backward()
+            micro += 1
+            if micro < n_in_step:
+                continue
+            micro = 0
+            if engine is not None:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+                if not math.isfinite(grad_norm):
+                    raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}; stopping. The last "
+                                           f"good checkpoint is kept in {work_dir}.")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            lr = scheduler.get_last_lr()[0]
+            if step % cfg.log_steps == 0 or step == total_steps:
+                log.log({"step": step, "loss": acc.loss(), "lr": lr, "tokens_per_s": acc.tokens / dt,
+                         "patches_per_s": acc.patches / dt, "grad_norm": grad_norm})
+            acc = _Acc()
+            stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
+            if step % cfg.save_steps == 0 or step == total_steps or stopping:
+                good_state = {"epoch_records": len(data), "total_steps": total_steps, "config": _jsonable(cfg)}
+                _save(engine, work_dir, step, model, optimizer, scheduler, good_state, cfg.save_total_limit, rank)
+            if stopping and step < total_steps:
+                print(f"stopped after step {step} as asked (--stop-after-step); rerun to resume", flush=True)
+                log.close()
+                return Path(cfg.out)
+            t0 = time.perf_counter()
+    finally:
+        log.close()
+
+    if rank == 0:
+        _write_final(model, cfg, work_dir, engine)
+    return Path(cfg.out)
+
+
+class _Subset(torch.utils.data.Dataset):
+    """Micro-batches (lists of record indices) of the run, in order: DataLoader yields one batch per item."""
+
+    def __init__(self, data: InstructionDataset, batches: list[list[int]]) -> None:
+        self.data, self.batches = data, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return [self.data[j] for j in self.batches[i]]
+
+
+@dataclass
+class _Acc:
+    """Sums over the micro-batches of one optimizer step."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    patches: int = 0
+
+    def add(self, loss: float, tokens: int, patches: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.patches += patches
+
+    def loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _save(engine: Any, work_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
+          state: dict, keep: int, rank: int) -> None:
+    if engine is None:
+        save_checkpoint(work_dir, step, model, optimizer, scheduler, state, keep)
+        return
+    tag = f"{CKPT_PREFIX}{step:08d}"
+    engine.save_checkpoint(str(work_dir), tag=tag, client_state={**state, "step": step})
+    if rank == 0:  # the marker list_checkpoints looks for, written after DeepSpeed finished the tag
+        write_json(work_dir / tag / "trainer_state.json", {**state, "step": step})
+        if keep > 0:
+            for old in list_checkpoints(work_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_final(model: nn.Module, cfg: TrainConfig, work_dir: Path, engine: Any) -> None:
+    """The declared output: model + training log + curves, renamed into place in one go."""
+    from slidechat.plots import plot_training_curves
+
+    if engine is not None and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        raise NotImplementedError("saving the final model from ZeRO-3 needs the consolidated 16-bit weights; "
+                                  "use zero2.json, or convert the DeepSpeed checkpoint in the work dir")
+    with atomic_path(cfg.out, is_dir=True) as tmp:
+        # Stage 1 leaves the LLM as it was: save a reference to it, not a copy (stage 2 gets --llm again).
+        model.save_pretrained(tmp, save_llm=cfg.stage != 1)
+        shutil.copy(work_dir / "train_log.csv", tmp / "train_log.csv")
+        plot_training_curves(tmp / "train_log.csv", tmp / "training_curves.png", title=f"stage {cfg.stage}")
+        write_json(tmp / "training_config.json", _jsonable(cfg))
+        if cfg.curves:
+            with atomic_path(cfg.curves) as png:
+                shutil.copy(tmp / "training_curves.png", png)
+    print(f"wrote {cfg.out}", flush=True)
+
+
+# -------------------------------------------------------------------------------------------------- launcher
+
+
+def build_launch_command(n_gpus: int, n_nodes: int = 1, train_args: list[str] | None = None,
+                         deepspeed_config: str = "configs/deepspeed/zero2.json", master_port: int = 29500,
+                         env: Mapping[str, str] | None = None) -> str:
+    """Shell command that runs `slidechat train` on n_gpus per node x n_nodes.
+
+    One process on one device needs no launcher. Otherwise torchrun starts one process per GPU with the
+    DeepSpeed config; across nodes (one launch per node, e.g. `srun` in the SLURM profile) the rendezvous
+    uses the SLURM job id, this node's SLURM_NODEID and the first host of the allocation.
+    """
+    env = os.environ if env is None else env
+    args = " ".join(shlex.quote(a) for a in (train_args or []))
+    if n_gpus < 1 or n_nodes < 1:
+        raise ValueError("n_gpus and n_nodes must be at least 1")
+    if n_gpus == 1 and n_nodes == 1:
+        return f"{shlex.quote(sys.executable)} -m slidechat.cli train {args}".strip()
+    parts = ["torchrun", f"--nproc_per_node={n_gpus}", f"--nnodes={n_nodes}"]
+    if n_nodes == 1:
+        parts.append("--standalone")
+    else:
+        slurm = "SLURM_JOB_ID" in env
+        host = env.get("MASTER_ADDR") or ('"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+                                          if slurm else None)
+        if host is None:
+            raise RuntimeError("multi-node launch needs SLURM (SLURM_JOB_ID) or MASTER_ADDR in the environment")
+        node_rank = "$SLURM_NODEID" if slurm else env.get("NODE_RANK", "0")
+        run_id = "$SLURM_JOB_ID" if slurm else "slidechat"
+        parts += [f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={host}:{master_port}",
+                  f"--rdzv_id={run_id}"]
+    parts += ["-m", "slidechat.cli", "train"]
+    cmd = " ".join(parts) + (f" {args}" if args else "")
+    if "--deepspeed" in (train_args or []):
+        return cmd
+    return cmd + f" --deepspeed {shlex.quote(deepspeed_config)}"
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A train_stage*.yaml: TrainConfig fields (unknown keys are an error naming them)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training option(s) {unknown}; known: {sorted(known)}")
+    return data
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slidechat train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML with TrainConfig fields (flags given here override it)")
+    p.add_argument("--stage", type=int, choices=[1, 2])
+    p.add_argument("--data", help="training JSON from build-instructions")
+    p.add_argument("--features-dir", dest="features_dir")
+    p.add_argument("--llm", help="local Hugging Face LLM directory")
+    p.add_argument("--init", help="stage 2: stage-1 model directory")
+    p.add_argument("--out", help="final model directory (declared output)")
+    p.add_argument("--work-dir", dest="work_dir", help="checkpoints and logs (outside the declared outputs)")
+    for name, typ in (("lr", float), ("epochs", int), ("max-steps", int), ("batch-size", int), ("grad-accum", int),
+                      ("max-length", int), ("max-patches", int), ("warmup-ratio", float), ("min-lr-ratio", float),
+                      ("weight-decay", float), ("grad-clip", float), ("seed", int), ("save-steps", int),
+                      ("save-total-limit", int), ("log-steps", int), ("stop-after-step", int), ("lora-r", int),
+                      ("lora-alpha", int), ("lora-dropout", float), ("num-workers", int)):
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ)
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction)
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action=argparse.BooleanOptionalAction)
+    p.add_argument("--deepspeed", help="DeepSpeed JSON (configs/deepspeed/zero2.json); needs a deepspeed/torchrun launch")
+    p.add_argument("--curves", help="also write the loss/lr PNG to this path")
+    p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int,
+                   help="GPUs per node; > 1 starts torchrun with --deepspeed (nodes from SLURM_NNODES)")
+    p.add_argument("--context", choices=["slide", "per_patch"], help="model: slide-level or per-patch context")
+    p.add_argument("--bypass-slide-encoder", dest="bypass_slide_encoder", action="store_true",
+                   help="model: no LongNet, features go straight to the projector")
+    p.add_argument("--model-config", dest="model_json",
+                   help="JSON object of SlideChatConfig fields for a new model (overrides the YAML's `model:`)")
+    p.add_argument("--print-launch", nargs=2, type=int, metavar=("N_GPUS", "N_NODES"), dest="print_launch",
+                   help="print the launcher command for this run on N_GPUS x N_NODES and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    ns = _parser().parse_args(argv)
+    values: dict[str, Any] = load_yaml_config(ns.config) if getattr(ns, "config", None) else {}
+    model_flags = {"context", "bypass_slide_encoder"}
+    given = {k: v for k, v in vars(ns).items()
+             if k not in {"config", "model_json", "print_launch", "local_rank"} | model_flags}
+    values.update(given)
+    values["model"] = {**values.get("model", {}), **{k: v for k, v in vars(ns).items() if k in model_flags}}
+    if getattr(ns, "model_json", None):
+        values["model"] = {**values.get("model", {}), **json.loads(ns.model_json)}
+    return TrainConfig(**values), ns
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg, ns = config_from_args(argv)
+        if getattr(ns, "print_launch", None):
+            i = argv.index("--print-launch")
+            args = argv[:i] + argv[i + 3:]  # the run's own flags, without --print-launch N M
+            print(build_launch_command(ns.print_launch[0], ns.print_launch[1], args,
+                                       cfg.deepspeed or "configs/deepspeed/zero2.json"))
+            return 0
+        n_nodes = int(os.environ.get("SLURM_NNODES", "1"))
+        if (cfg.gpus_per_node > 1 or n_nodes > 1) and "LOCAL_RANK" not in os.environ:
+            import subprocess
+
+            cmd = build_launch_command(max(1, cfg.gpus_per_node), n_nodes, argv,
+                                       cfg.deepspeed or "configs/deepspeed/zero2.json")
+            print(f"launching: {cmd}", flush=True)
+            return subprocess.run(cmd, shell=True).returncode
+        train(cfg)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
