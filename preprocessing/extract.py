@@ -552,13 +552,14 @@ def extract_slides(
     options: ExtractOptions | None = None,
     encoder: PatchEncoder | None = None,
     _after_chunk: Callable[[str, int], None] | None = None,
+    stats: dict | None = None,
     **kwargs: Any,
 ) -> list[Path]:
     """Extract features for several slides with one encoder and one reader pool; returns the store paths.
 
     `jobs` are `SlideJob`s or `(slide, coords[, mpp])` tuples; `kwargs` set `ExtractOptions` fields.
     `encoder` may be passed pre-built (it must match `options.encoder`). `_after_chunk` is a test hook
-    called after each chunk is on disk.
+    called after each chunk is on disk. `stats`, if given, is filled with wall/model-busy seconds and counts.
     """
     opts = options or ExtractOptions(**kwargs)
     if options is not None and kwargs:
@@ -600,12 +601,14 @@ def extract_slides(
 
     if states:
         with ReaderPool(opts.num_workers) as pool:
-            _run(states, pool, runner, opts, _after_chunk)
+            run_stats = _run(states, pool, runner, opts, _after_chunk)
+        if stats is not None:
+            stats.update(run_stats)
     return outputs
 
 
 def _run(states: list[SlideState], pool: ReaderPool, runner: ModelRunner, opts: ExtractOptions,
-         after_chunk: Callable[[str, int], None] | None) -> None:
+         after_chunk: Callable[[str, int], None] | None) -> dict:
     by_index = {s.index: s for s in states}
     order = deque(states)  # slides not yet finalised, in order
     max_inflight = max(1, opts.num_workers) * opts.prefetch
@@ -664,6 +667,8 @@ def _run(states: list[SlideState], pool: ReaderPool, runner: ModelRunner, opts: 
     wall = time.perf_counter() - t0
     busy = runner.gpu_busy_seconds()
     log.info("model busy %.1f s of %.1f s wall (%.0f%%)", busy, wall, 100.0 * busy / max(wall, 1e-9))
+    return {"wall_s": wall, "model_busy_s": busy, "patches": sum(s.total for s in states),
+            "read_s": sum(s.read_seconds for s in states), "invalid": sum(len(s.errors) for s in states)}
 
 
 def _store_attrs(plan: PatchPlan, job: SlideJob, encoder: PatchEncoder, identity: dict, opts: ExtractOptions) -> dict:
