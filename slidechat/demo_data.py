@@ -140,7 +140,7 @@ def make_demo_instructions(
     out_dir: str | os.PathLike,
     seed: int = 0,
     captions_per_slide: int = 6,
-    mc_per_slide: int = 24,
+    mc_per_slide: int = 12,
     open_per_slide: int = 2,
     test_questions_per_slide: int = 4,
 ) -> dict[str, Path]:
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--captions-per-slide", type=int, default=6)
-    parser.add_argument("--mc-per-slide", type=int, default=24, help="multiple-choice questions per train slide")
+    parser.add_argument("--mc-per-slide", type=int, default=12, help="multiple-choice questions per train slide")
     parser.add_argument("--open-per-slide", type=int, default=2)
     parser.add_argument("--test-questions-per-slide", type=int, default=4)
     args = parser.parse_args(argv)

@@ -85,6 +85,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None  # None = on when CUDA is available
     deepspeed: str | None = None  # DeepSpeed JSON config; used when launched by deepspeed/torchrun
     num_workers: int = 0
+    threads: int | None = None  # torch CPU threads (None = torch's default); 1 is fastest for tiny models
     curves: str | None = None  # also write the loss/lr PNG here (e.g. a Snakemake report output)
     gpus_per_node: int = 0  # > 1 outside a launcher: re-run this command under torchrun + DeepSpeed
     model: dict[str, Any] = field(default_factory=dict)  # SlideChatConfig fields for a new model (stage 1)
@@ -442,6 +443,8 @@ def train(cfg: TrainConfig) -> Path:
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -689,7 +692,7 @@ def _parser() -> argparse.ArgumentParser:
                       ("max-length", int), ("max-patches", int), ("warmup-ratio", float), ("min-lr-ratio", float),
                       ("weight-decay", float), ("grad-clip", float), ("seed", int), ("save-steps", int),
                       ("save-total-limit", int), ("log-steps", int), ("stop-after-step", int), ("lora-r", int),
-                      ("lora-alpha", int), ("lora-dropout", float), ("num-workers", int)):
+                      ("lora-alpha", int), ("lora-dropout", float), ("num-workers", int), ("threads", int)):
         p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true")
