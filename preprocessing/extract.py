@@ -35,7 +35,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -328,22 +328,28 @@ class ReaderPool:
                 if dead:
                     raise RuntimeError(f"reader process(es) {dead} died (out of memory or a crash in the slide library)")
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Stop the readers: politely after a finished run, at once after an error (queued reads are moot)."""
         if self._handles is not None:
             self._handles.close()
-        for _ in self._procs:
-            self._tasks.put(None)
+        if abort:
+            for p in self._procs:
+                p.terminate()
+        else:
+            for _ in self._procs:
+                self._tasks.put(None)
         for p in self._procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=5)
         self._procs = []
 
     def __enter__(self) -> "ReaderPool":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(abort=exc_type is not None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -600,6 +606,9 @@ def extract_slides(
         states.append(SlideState(idx, job, plan, store, final, opts, encoder.feature_dim))
 
     if states:
+        log.info("extracting %d slide(s), %d patches, encoder %s (%s), %s, %d reader(s), batch %d", len(states),
+                 sum(s.total for s in states), encoder.name, encoder.transform.name, runner.precision,
+                 opts.num_workers, opts.batch_size)
         with ReaderPool(opts.num_workers) as pool:
             run_stats = _run(states, pool, runner, opts, _after_chunk)
         if stats is not None:
@@ -627,8 +636,9 @@ def _run(states: list[SlideState], pool: ReaderPool, runner: ModelRunner, opts: 
                 return
 
     def collect(block_all: bool) -> None:
-        # Store finished batches; keep at most one in flight on CUDA so the next batch overlaps the copy back.
-        keep = 0 if block_all or not runner.cuda else 1
+        # Store finished batches; on CUDA keep two in flight so the GPU always has queued work while the
+        # main process assembles the next batch and writes results.
+        keep = 0 if block_all or not runner.cuda else 2
         while len(launched) > keep:
             s, rows, wait = launched.popleft()
             s.store_features(rows, wait(), after_chunk)
@@ -736,13 +746,9 @@ def _finalize(store: PartialZarrStore, final: Path, plan: PatchPlan, opts: Extra
     if opts.fmt == "zarr":
         return store.finalize(final, extra)
     # H5: the partial Zarr store is converted, then removed
-    import zarr
-
-    g = store.group
-    feats = np.asarray(g["features"][:], np.float32)
-    attrs = {**{k: v for k, v in g.attrs.items() if k not in {"complete", "chunk_rows"}}, **extra}
+    feats = np.asarray(store.group["features"][:], np.float32)
+    attrs = {**{k: v for k, v in store.attrs.items() if k not in {"complete", "chunk_rows"}}, **extra}
     write_h5_store(final, feats, plan.coords, valid, attrs, plan.coords_attrs, opts.store_dtype)
-    del g, zarr
     shutil.rmtree(store.path)
     return final
 
@@ -797,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=1, help="reader processes (0: read in the main process)")
     ap.add_argument("--chunk-rows", type=int, default=2048)
+    ap.add_argument("--region-px", type=int, default=2048, help="longest side of one region read (read-level px)")
     ap.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0, help="seed of random weights (conch_tiny)")
     ap.add_argument("--allow-random-weights", action="store_true", help="run a real encoder without a checkpoint")
@@ -822,7 +829,8 @@ def main(argv: list[str]) -> int:
         opts = ExtractOptions(
             encoder=args.encoder, checkpoint=args.checkpoint, transform=args.transform, fmt=args.fmt,
             dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers, chunk_rows=args.chunk_rows,
-            device=args.device, seed=args.seed, allow_random=args.allow_random_weights, overwrite=args.overwrite,
+            region_px=args.region_px, device=args.device, seed=args.seed, allow_random=args.allow_random_weights,
+            overwrite=args.overwrite,
             progress_every_s=args.progress_every,
         )
         paths = extract_slides(jobs, args.out, opts)
@@ -833,7 +841,3 @@ def main(argv: list[str]) -> int:
         print(p)
     return 0
 
-
-def iter_jobs(pairs: Iterable[tuple[str | Path, str | Path]]) -> list[SlideJob]:
-    """Convenience: (slide, coords) pairs as jobs."""
-    return [SlideJob(Path(s), Path(c)) for s, c in pairs]

@@ -231,15 +231,21 @@ class PartialZarrStore:
 
         if path.exists():
             shutil.rmtree(path)
+        # Built beside its name and renamed: a partial store is either absent or has all its metadata.
+        init = path.with_name(path.name + ".init")
+        if init.exists():
+            shutil.rmtree(init)
         n = len(coords)
-        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g = zarr.open_group(str(init), mode="w", zarr_format=3)
         g.create_array("features", shape=(n, dim), chunks=_zarr_chunks(n, dim, chunk_rows), dtype=dtype, fill_value=0)
         g.create_array("coords", shape=(n, 2), chunks=(max(1, n), 2), dtype="int32", fill_value=0)
         g.create_array("valid", shape=(n,), chunks=(max(1, min(chunk_rows, n)),), dtype="bool", fill_value=False)
         if n:
             g["coords"][:] = coords.astype(np.int32)
         g.attrs.update({**attrs, "chunk_rows": int(chunk_rows), "complete": False})
-        (path / ".progress").mkdir()
+        (init / ".progress").mkdir()
+        del g
+        init.replace(path)
         return cls(path)
 
     @property
