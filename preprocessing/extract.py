@@ -795,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--manifest", type=Path, help="CSV with columns slide,coords[,mpp] (instead of --slide/--coords)")
     ap.add_argument("--mpp", type=float, help="level-0 µm/px override for the --slide(s) (config key mpp_overrides)")
     ap.add_argument("--encoder", default="conch_tiny", help="conch_v1 | conch_tiny | resnet50_trunc | timm:<name>")
-    ap.add_argument("--checkpoint", help="local weights file (config key encoder_checkpoint)")
+    ap.add_argument("--checkpoint", help="local weights file (config key features.checkpoint)")
     ap.add_argument("--transform", help="conch_official | slidechat | imagenet (default: the encoder's)")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     ap.add_argument("--format", dest="fmt", choices=["zarr", "h5"], default="zarr")

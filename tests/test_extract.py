@@ -278,7 +278,7 @@ def test_end_to_end_cmu_small_region_with_cli(cmu_small, tmp_path, capsys):
     assert np.unique(np.round(fs.features, 2), axis=0).shape[0] == len(xy)
     # missing checkpoint for a real encoder: a clear error naming the option, exit code 1
     rc = main(["--slide", str(cmu_small), "--coords", str(coords), "--encoder", "conch_v1", "--out", str(tmp_path / "x")])
-    assert rc == 1 and "encoder_checkpoint" in capsys.readouterr().err
+    assert rc == 1 and "features.checkpoint" in capsys.readouterr().err
 
 
 def test_options_validate():

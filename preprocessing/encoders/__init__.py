@@ -7,7 +7,7 @@
 Registered names: `conch_v1` (CONCH ViT-B/16, 512-d), `conch_tiny` (same code, small, random weights from a
 fixed seed, 512-d), `resnet50_trunc` (timm ResNet-50 cut after layer 3, 1024-d) and `timm:<model name>`
 (any timm model, pooled features). Nothing is ever downloaded: real encoders need `checkpoint` (config key
-`encoder_checkpoint`, option `--checkpoint`); `allow_random=True` builds them with seeded random weights for
+`features.checkpoint`, option `--checkpoint`); `allow_random=True` builds them with seeded random weights for
 benchmarks and tests, and that is recorded (sha256 null, seed set).
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
 
-CHECKPOINT_CONFIG_KEY = "encoder_checkpoint"
+CHECKPOINT_CONFIG_KEY = "features.checkpoint"
 
 
 class EncoderCheckpointError(ValueError):
