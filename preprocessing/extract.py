@@ -225,12 +225,17 @@ def read_task(task: RegionTask, handles: SlideHandles) -> RegionResult:
         ws = handles.get(task.slide, task.mpp)
     except SlideError as exc:
         return RegionResult(task.job, task.rows, torch.empty(0, dtype=torch.uint8), fatal=str(exc))
-    x0, y0 = int(task.xy[:, 0].min()), int(task.xy[:, 1].min())
-    ox = np.round((task.xy[:, 0] - x0) / dx).astype(np.int64)
-    oy = np.round((task.xy[:, 1] - y0) / dy).astype(np.int64)
+    # Every patch starts at the read-level pixel nearest to its level-0 corner, whatever region it falls in:
+    # the pixels do not depend on how patches were grouped (or regrouped on resume), and no region starts
+    # between level pixels, where OpenSlide would interpolate. At level 0 this is exactly the per-patch read.
+    gx = np.round(task.xy[:, 0] / dx).astype(np.int64)
+    gy = np.round(task.xy[:, 1] / dy).astype(np.int64)
+    gx0, gy0 = int(gx.min()), int(gy.min())
+    ox, oy = gx - gx0, gy - gy0
     rs = task.read_size
     try:
-        region = ws.read_region((x0, y0), task.level, (int(ox.max()) + rs, int(oy.max()) + rs))
+        region = ws.read_region((round(gx0 * dx), round(gy0 * dy)), task.level,
+                                (int(ox.max()) + rs, int(oy.max()) + rs))
         for i in range(k):
             out[i] = _fit(region[oy[i] : oy[i] + rs, ox[i] : ox[i] + rs], p)
     except SlideError:
@@ -238,7 +243,7 @@ def read_task(task: RegionTask, handles: SlideHandles) -> RegionResult:
         for i in range(k):
             try:
                 ws = handles.get(task.slide, task.mpp)
-                patch = ws.read_region((int(task.xy[i, 0]), int(task.xy[i, 1])), task.level, (rs, rs))
+                patch = ws.read_region((round(int(gx[i]) * dx), round(int(gy[i]) * dy)), task.level, (rs, rs))
                 out[i] = _fit(patch, p)
             except SlideError as exc:
                 handles.reset(task.slide)

@@ -285,3 +285,36 @@ def test_options_validate():
     with pytest.raises(ValueError, match="format"):
         ExtractOptions(fmt="parquet")
     assert ExtractOptions().store_dtype == "float16" and ExtractOptions(fmt="h5").store_dtype == "float32"
+
+
+def test_patches_at_a_coarser_level_do_not_depend_on_region_grouping(tmp_path):
+    """Read level 1 (downsample 3) with patch corners between level pixels: each patch is the nearest-pixel crop."""
+    from preprocessing.extract import RegionTask, SlideHandles, read_task
+
+    slide = write_synthetic_svs(tmp_path / "ds3.svs", Scene.random(3072, 3072, "stroma", seed=5), mpp=0.25,
+                                downsamples=(3, 9), tile=TILE)
+    coords = tile_slide(slide, tmp_path / "t", target_mpp=0.8, patch_size=224, min_tissue_fraction=0.0)
+    xy, a = load_coords(coords)
+    level, rs, ds = int(a["read_level"]), int(a["read_size"]), tuple(float(v) for v in a["read_downsample_xy"])
+    assert level == 1 and rs == 239 and ds == (3.0, 3.0)
+    assert np.any(xy % 3), "some corners must fall between level-1 pixels for this test to mean anything"
+
+    def read(rows: np.ndarray, region_px: int) -> np.ndarray:
+        out = np.empty((len(xy), 224, 224, 3), np.uint8)
+        handles = SlideHandles()
+        for group in plan_regions(xy, rows, ds, rs, region_px):
+            res = read_task(RegionTask(0, str(slide), None, level, rs, 224, ds, group, xy[group]), handles)
+            out[group] = res.patches.numpy()
+        handles.close()
+        return out[rows]
+
+    rows = np.arange(len(xy))
+    one_region = read(rows, 10**6)
+    singles = read(rows, 1)
+    np.testing.assert_array_equal(one_region, singles)
+    np.testing.assert_array_equal(read(rows[1::2], 700), one_region[1::2])  # a resume regroups the rest
+    with WholeSlide(slide) as ws:  # the nearest-pixel crop of the level image
+        level_img = ws.read_region((0, 0), 1, ws.level_dimensions[1])
+    for r in rows:
+        gx, gy = (int(round(v / 3.0)) for v in xy[r])
+        np.testing.assert_array_equal(one_region[r], resize(level_img[gy : gy + rs, gx : gx + rs], (224, 224)))
