@@ -477,11 +477,25 @@ def train(cfg: TrainConfig) -> Path:
             config=deepspeed_config(cfg.deepspeed, cfg, bf16))
 
     start_step, state = 0, {}
+    fingerprint = run_fingerprint(cfg)
     ckpts = list_checkpoints(work_dir)
+    if ckpts and json.loads((ckpts[-1] / "trainer_state.json").read_text()).get("fingerprint") != fingerprint:
+        if rank == 0:  # other data or settings: these checkpoints belong to another run
+            stale = work_dir / "stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.mkdir()
+            for c in ckpts:
+                c.rename(stale / c.name)
+            print(f"note: checkpoints in {work_dir} came from other data or settings; moved to {stale}, "
+                  "starting from step 0", flush=True)
+        ckpts = []
     if ckpts:
         if engine is not None:
             _, state = engine.load_checkpoint(str(work_dir), tag=ckpts[-1].name)
             state = state or json.loads((ckpts[-1] / "trainer_state.json").read_text())
+            rng_file = ckpts[-1] / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                _set_rng_state(torch.load(rng_file, weights_only=False))
         else:
             state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
         start_step = int(state["step"])
@@ -496,7 +510,7 @@ def train(cfg: TrainConfig) -> Path:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and cuda and engine is None)
 
     model.train()
-    step, micro, good_state = start_step, 0, state
+    step, micro = start_step, 0
     acc = _Acc()
     t0 = time.perf_counter()
     try:
@@ -513,6 +527,7 @@ def train(cfg: TrainConfig) -> Path:
                     f"checkpoint is kept in {work_dir}; lower --lr or check the data, then rerun to resume from it.")
             acc.add(loss.item(), int(inputs["attention_mask"].sum()) + sum(len(f) for f in feats) - len(feats),
                     sum(len(f) for f in feats))
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (read before the scheduler moves it)
             if engine is not None:
                 engine.backward(loss)
                 engine.step()
@@ -535,15 +550,14 @@ def train(cfg: TrainConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            lr = scheduler.get_last_lr()[0]
             if step % cfg.log_steps == 0 or step == total_steps:
                 log.log({"step": step, "loss": acc.loss(), "lr": lr, "tokens_per_s": acc.tokens / dt,
                          "patches_per_s": acc.patches / dt, "grad_norm": grad_norm})
             acc = _Acc()
             stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
             if step % cfg.save_steps == 0 or step == total_steps or stopping:
-                good_state = {"epoch_records": len(data), "total_steps": total_steps, "config": _jsonable(cfg)}
-                _save(engine, work_dir, step, model, optimizer, scheduler, good_state, cfg.save_total_limit, rank)
+                info = {"fingerprint": fingerprint, "total_steps": total_steps, "config": _jsonable(cfg)}
+                _save(engine, work_dir, step, model, optimizer, scheduler, info, cfg.save_total_limit, rank)
             if stopping and step < total_steps:
                 print(f"stopped after step {step} as asked (--stop-after-step); rerun to resume", flush=True)
                 log.close()
@@ -555,6 +569,22 @@ def train(cfg: TrainConfig) -> Path:
     if rank == 0:
         _write_final(model, cfg, work_dir, engine)
     return Path(cfg.out)
+
+
+# Settings that change the training trajectory; a checkpoint only resumes a run with the same ones.
+_FINGERPRINT_FIELDS = ("stage", "llm", "init", "lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
+                       "max_patches", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "seed",
+                       "lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "model", "deepspeed")
+
+
+def run_fingerprint(cfg: TrainConfig) -> str:
+    """Hash of the training data and the settings that shape the run (not where it writes or how it logs)."""
+    import hashlib
+
+    h = hashlib.sha256(Path(cfg.data).read_bytes())
+    settings = {k: getattr(cfg, k) for k in _FINGERPRINT_FIELDS}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 class _Subset(torch.utils.data.Dataset):
@@ -598,6 +628,7 @@ def _save(engine: Any, work_dir: Path, step: int, model: nn.Module, optimizer: A
         return
     tag = f"{CKPT_PREFIX}{step:08d}"
     engine.save_checkpoint(str(work_dir), tag=tag, client_state={**state, "step": step})
+    torch.save(_rng_state(), work_dir / tag / f"rng_rank{rank}.pt")  # DeepSpeed keeps no RNG state
     if rank == 0:  # the marker list_checkpoints looks for, written after DeepSpeed finished the tag
         write_json(work_dir / tag / "trainer_state.json", {**state, "step": step})
         if keep > 0:

@@ -297,15 +297,22 @@ def test_4bit_is_gpu_only(env: dict[str, Path]) -> None:
         _cfg(env, "q", llm=str(env["root"] / "nope")).resolved()
 
 
-def test_cli_run_with_curves(env: dict[str, Path]) -> None:
+def test_cli_run_with_curves(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     curves = env["root"] / "cli" / "curves" / "stage1.png"
-    rc = T.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_stage1.yaml"),
-                 "--stage", "1", "--data", str(env["data"]), "--features-dir", str(env["features"]),
-                 "--llm", str(env["llm"]), "--out", str(env["root"] / "cli" / "model"),
-                 "--work-dir", str(env["root"] / "cli" / "work"), "--max-steps", "2", "--grad-accum", "2",
-                 "--max-patches", "10", "--curves", str(curves), "--model-config", json.dumps(MODEL)])
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_stage1.yaml"),
+            "--stage", "1", "--data", str(env["data"]), "--features-dir", str(env["features"]),
+            "--llm", str(env["llm"]), "--out", str(env["root"] / "cli" / "model"),
+            "--work-dir", str(env["root"] / "cli" / "work"), "--max-steps", "2", "--grad-accum", "2",
+            "--max-patches", "10", "--curves", str(curves), "--model-config", json.dumps(MODEL)]
+    rc = T.main(argv)
     assert rc == 0 and curves.stat().st_size > 1000
     meta = json.loads((env["root"] / "cli" / "model" / "slidechat_config.json").read_text())
     assert meta["config"]["max_patches_train"] == 10 and meta["llm_format"] == "base"
     saved = json.loads((env["root"] / "cli" / "model" / "training_config.json").read_text())
     assert saved["lr"] == 1e-3 and saved["max_length"] == 51200 and not math.isnan(saved["warmup_ratio"])
+    # The same command again resumes (nothing left to do); other settings do not resume foreign checkpoints.
+    capsys.readouterr()
+    assert T.main(argv) == 0 and "resuming from" in capsys.readouterr().out
+    assert T.main(argv + ["--lr", "0.002"]) == 0
+    assert "starting from step 0" in capsys.readouterr().out
+    assert [p.name for p in (env["root"] / "cli" / "work" / "stale").iterdir()] == ["checkpoint-00000002"]
