@@ -185,6 +185,7 @@ def train_args(stage):
         args.append(f"--deepspeed {config['train']['deepspeed']}")
     if config["train"]["gpus_per_node"]:
         args.append(f"--gpus-per-node {config['train']['gpus_per_node']}")
+    args.append(f"--threads {config['train']['threads']}")
     return " ".join(args)
 
 

@@ -20,7 +20,7 @@ rule train_stage1:
         f"{BENCH_DIR}/train_stage1.tsv"
     conda:
         "../../envs/training.yaml"
-    threads: 2
+    threads: config["train"]["threads"]
     resources:
         mem_mb=16000,
         runtime=24 * 60,
@@ -58,7 +58,7 @@ rule train_stage2:
         f"{BENCH_DIR}/train_stage2.tsv"
     conda:
         "../../envs/training.yaml"
-    threads: 2
+    threads: config["train"]["threads"]
     resources:
         mem_mb=32000,
         runtime=48 * 60,
