@@ -1,6 +1,6 @@
 """Does the demo learn? Simulated CONCH features -> demo instructions -> tiny LLM -> stage 1 + 2 -> accuracy.
 
-Features are simulated per class (a distinct random mean direction plus noise, 50-200 patches of 512-d per
+Features are simulated per class (or taken from a real demo cohort with --labels/--features-dir) (a distinct random mean direction plus noise, 50-200 patches of 512-d per
 slide), so the training settings can be tuned without the slide pipeline. Prints held-out multiple-choice
 accuracy on the demo SlideBench CSV, the majority-letter baseline, and wall time per stage.
 
@@ -64,7 +64,10 @@ def evaluate(model_dir: Path, bench_csv: Path, feats_dir: Path, llm_dir: Path) -
     for r in rows:
         opts = {k: r[k] for k in "ABCD"}
         q = r["Question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in opts.items())
-        feats = torch.from_numpy(load_features(feats_dir / f"{r['Slide']}.zarr").features)
+        store = feats_dir / f"{r['Slide']}.zarr"
+        if not store.exists():
+            continue
+        feats = torch.from_numpy(load_features(store).features)
         out = model.generate(feats, q, max_new_tokens=12)
         outs.append(out)
         ok += extract_answer(out, opts) == r["Answer"]
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/demo_learning")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", help="a real demo cohort's labels.csv (with --features-dir) instead of simulated features")
+    p.add_argument("--features-dir", help="the feature stores of that cohort")
     p.add_argument("--signal", type=float, default=0.3, help="class mean scale relative to unit noise")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -90,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest
     work = Path(args.work)
-    labels, feats = make_cohort(work, 6, 3, args.seed, args.signal)
+    if args.labels:
+        labels, feats = Path(args.labels), Path(args.features_dir)
+    else:
+        labels, feats = make_cohort(work, 6, 3, args.seed, args.signal)
     paths = demo_data.make_demo_instructions(labels, work / "instr", seed=args.seed, mc_per_slide=args.mc_per_slide)
     from slidechat.tiny import build_tiny_llm
 

@@ -48,6 +48,10 @@ class TrainingDiverged(RuntimeError):
     """Loss became NaN or inf; the last good checkpoint is kept."""
 
 
+class TrainSetupError(RuntimeError):
+    """A setting, input or environment that prevents training (message names the option)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; YAML keys and CLI flags use the same names."""
@@ -115,7 +119,7 @@ class TrainConfig:
             if c.stage != 1:
                 raise ValueError("--load-in-4bit is for stage 1, where the LLM is frozen")
             if not torch.cuda.is_available():
-                raise RuntimeError("--load-in-4bit (bitsandbytes NF4) needs a CUDA GPU; this machine has none")
+                raise TrainSetupError("--load-in-4bit (bitsandbytes NF4) needs a CUDA GPU; this machine has none")
         c.betas = tuple(c.betas)  # type: ignore[assignment]
         return c
 
@@ -243,7 +247,7 @@ def _load_4bit_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise RuntimeError("--load-in-4bit needs bitsandbytes: pip install -c constraints.txt bitsandbytes") from e
+        raise TrainSetupError("--load-in-4bit needs bitsandbytes: pip install -c constraints.txt bitsandbytes") from e
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from slidechat.model import SlideChat
@@ -351,7 +355,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     weights = torch.load(path / "trainable.pt", map_location="cpu")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:
-        raise RuntimeError(f"checkpoint {path} lacks trainable parameters (e.g. {missing[:3]}); was it written by "
+        raise TrainSetupError(f"checkpoint {path} lacks trainable parameters (e.g. {missing[:3]}); was it written by "
                            "a run with other settings? Remove the work dir to start over.")
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -435,7 +439,7 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, local_rank = _dist_info()
     use_ds = cfg.deepspeed is not None
     if world > 1 and not use_ds:
-        raise RuntimeError("launched with several processes but without --deepspeed CONFIG "
+        raise TrainSetupError("launched with several processes but without --deepspeed CONFIG "
                            "(multi-GPU training runs under DeepSpeed ZeRO; see configs/deepspeed/)")
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -681,7 +685,7 @@ def build_launch_command(n_gpus: int, n_nodes: int = 1, train_args: list[str] | 
         host = env.get("MASTER_ADDR") or ('"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
                                           if slurm else None)
         if host is None:
-            raise RuntimeError("multi-node launch needs SLURM (SLURM_JOB_ID) or MASTER_ADDR in the environment")
+            raise TrainSetupError("multi-node launch needs SLURM (SLURM_JOB_ID) or MASTER_ADDR in the environment")
         node_rank = "$SLURM_NODEID" if slurm else env.get("NODE_RANK", "0")
         run_id = "$SLURM_JOB_ID" if slurm else "slidechat"
         parts += [f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={host}:{master_port}",
@@ -778,7 +782,7 @@ def main(argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, TrainSetupError) as e:  # anything else: full traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

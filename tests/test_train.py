@@ -262,7 +262,7 @@ def test_launch_command() -> None:
                      '--deepspeed configs/deepspeed/zero3.json')
     fixed = T.build_launch_command(2, 3, [], env={"MASTER_ADDR": "10.0.0.1", "NODE_RANK": "2"}, master_port=6000)
     assert "--nnodes=3 --node_rank=2" in fixed and "--rdzv_endpoint=10.0.0.1:6000" in fixed
-    with pytest.raises(RuntimeError, match="SLURM"):
+    with pytest.raises(T.TrainSetupError, match="SLURM"):
         T.build_launch_command(2, 2, args, env={})
     # --print-launch prints the same command for the run's own flags.
     assert T.build_launch_command(2, 1, ["--stage", "1", "--deepspeed", "x.json"], env={}).count("--deepspeed") == 1
@@ -291,7 +291,7 @@ def test_cosine_schedule_shape() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_4bit_is_gpu_only(env: dict[str, Path]) -> None:
-    with pytest.raises(RuntimeError, match="CUDA GPU"):
+    with pytest.raises(T.TrainSetupError, match="CUDA GPU"):
         _cfg(env, "q", load_in_4bit=True).resolved()
     with pytest.raises(FileNotFoundError, match="--llm"):
         _cfg(env, "q", llm=str(env["root"] / "nope")).resolved()
