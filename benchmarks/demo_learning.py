@@ -4,7 +4,7 @@ Features are simulated per class (or taken from a real demo cohort with --labels
 slide), so the training settings can be tuned without the slide pipeline. Prints held-out multiple-choice
 accuracy on the demo SlideBench CSV, the majority-letter baseline, and wall time per stage.
 
-    python benchmarks/demo_learning.py [--work DIR] [--stage1-steps N] [--stage2-epochs E] ...
+    python benchmarks/demo_learning.py [--work DIR] [--labels CSV --features-dir DIR] [--stage1-epochs E] [--stage2-epochs E] ...
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--stage1-epochs", type=int, default=2)
+    p.add_argument("--stage1-epochs", type=int, default=6)
     p.add_argument("--stage1-lr", type=float, default=1e-3)
-    p.add_argument("--stage2-epochs", type=int, default=4)
+    p.add_argument("--stage2-epochs", type=int, default=6)
     p.add_argument("--stage2-lr", type=float, default=1e-3)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--mc-per-slide", type=int, default=12)
