@@ -740,6 +740,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", choices=["slide", "per_patch"], help="model: slide-level or per-patch context")
     p.add_argument("--bypass-slide-encoder", dest="bypass_slide_encoder", action="store_true",
                    help="model: no LongNet, features go straight to the projector")
+    for name in ("encoder-layers", "encoder-ffn-dim", "encoder-heads"):
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int, help="model (new stage-1 model): LongNet size")
     p.add_argument("--model-config", dest="model_json",
                    help="JSON object of SlideChatConfig fields for a new model (overrides the YAML's `model:`)")
     p.add_argument("--print-launch", nargs=2, type=int, metavar=("N_GPUS", "N_NODES"), dest="print_launch",
@@ -751,7 +753,7 @@ def _parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     ns = _parser().parse_args(argv)
     values: dict[str, Any] = load_yaml_config(ns.config) if getattr(ns, "config", None) else {}
-    model_flags = {"context", "bypass_slide_encoder"}
+    model_flags = {"context", "bypass_slide_encoder", "encoder_layers", "encoder_ffn_dim", "encoder_heads"}
     given = {k: v for k, v in vars(ns).items()
              if k not in {"config", "model_json", "print_launch", "local_rank"} | model_flags}
     values.update(given)

@@ -274,8 +274,10 @@ def test_yaml_defaults_and_cli_overrides(tmp_path: Path) -> None:
     s2 = T.load_yaml_config(root / "train_stage2.yaml")
     assert (s1["lr"], s1["max_length"], s1["batch_size"], s1["grad_accum"]) == (1e-3, 51200, 1, 8)
     assert (s2["lr"], s2["max_length"], s2["grad_clip"], s2["grad_accum"]) == (2e-5, 19600, 1.0, 8)
-    cfg, _ = T.config_from_args(["--config", str(root / "train_stage2.yaml"), "--lr", "0.5", "--context", "per_patch"])
-    assert cfg.lr == 0.5 and cfg.grad_accum == 8 and cfg.model == {"context": "per_patch"}
+    cfg, _ = T.config_from_args(["--config", str(root / "train_stage2.yaml"), "--lr", "0.5", "--context", "per_patch",
+                                 "--encoder-layers", "1", "--model-config", '{"encoder_heads": 4}'])
+    assert cfg.lr == 0.5 and cfg.grad_accum == 8
+    assert cfg.model == {"context": "per_patch", "encoder_layers": 1, "encoder_heads": 4}
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: 1\nlearning_rate: 3\n")
     with pytest.raises(ValueError, match="learning_rate"):
