@@ -1,10 +1,12 @@
 """Does the demo learn? Simulated CONCH features -> demo instructions -> tiny LLM -> stage 1 + 2 -> accuracy.
 
-Features are simulated per class (or taken from a real demo cohort with --labels/--features-dir) (a distinct random mean direction plus noise, 50-200 patches of 512-d per
-slide), so the training settings can be tuned without the slide pipeline. Prints held-out multiple-choice
-accuracy on the demo SlideBench CSV, the majority-letter baseline, and wall time per stage.
+Features are simulated per class (a distinct random mean direction plus noise, 50-200 patches of 512-d per
+slide), so the training settings can be tuned without the slide pipeline, or taken from a real demo cohort
+(--labels, --features-dir). Prints held-out multiple-choice accuracy on the demo SlideBench CSV, the
+majority-letter baseline, and wall time per stage.
 
-    python benchmarks/demo_learning.py [--work DIR] [--labels CSV --features-dir DIR] [--stage1-epochs E] [--stage2-epochs E] ...
+    python benchmarks/demo_learning.py [--work DIR] [--labels CSV --features-dir DIR]
+                                       [--stage1-epochs E] [--stage2-epochs E] ...
 """
 
 from __future__ import annotations
