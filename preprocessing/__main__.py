@@ -11,6 +11,7 @@ COMMANDS = {
     "tile": "preprocessing.tiling:main",
     "extract": "preprocessing.extract:main",
     "synth": "preprocessing.synthetic:main",
+    "summary": "preprocessing.summary:main",
     "export-csv": "preprocessing.stores:export_csv_main",
     "import-csv": "preprocessing.stores:import_csv_main",
 }

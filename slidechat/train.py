@@ -662,6 +662,36 @@ def _write_final(model: nn.Module, cfg: TrainConfig, work_dir: Path, engine: Any
 # -------------------------------------------------------------------------------------------------- launcher
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: `gpu[03-05,09],cpu01` -> `gpu03` (what `scontrol show hostnames` lists first)."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_rank_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed variables for a process started as one of several `srun` tasks (one per GPU).
+
+    The SLURM profile launches `tasks_per_node` tasks per node with `srun`; each task is one rank. The
+    rendezvous is the first host of the allocation on a port derived from the job id. Empty when not
+    under a multi-task srun or when a launcher already set RANK.
+    """
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
 def build_launch_command(n_gpus: int, n_nodes: int = 1, train_args: list[str] | None = None,
                          deepspeed_config: str = "configs/deepspeed/zero2.json", master_port: int = 29500,
                          env: Mapping[str, str] | None = None) -> str:
@@ -772,6 +802,8 @@ def main(argv: list[str]) -> int:
             print(build_launch_command(ns.print_launch[0], ns.print_launch[1], args,
                                        cfg.deepspeed or "configs/deepspeed/zero2.json"))
             return 0
+        # One srun task per GPU (the SLURM profile): this process is a rank already, no launcher needed.
+        os.environ.update(slurm_rank_env(os.environ))
         n_nodes = int(os.environ.get("SLURM_NNODES", "1"))
         if (cfg.gpus_per_node > 1 or n_nodes > 1) and "LOCAL_RANK" not in os.environ:
             import subprocess

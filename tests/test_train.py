@@ -318,3 +318,16 @@ def test_cli_run_with_curves(env: dict[str, Path], capsys: pytest.CaptureFixture
     assert T.main(argv + ["--lr", "0.002"]) == 0
     assert "starting from step 0" in capsys.readouterr().out
     assert [p.name for p in (env["root"] / "cli" / "work" / "stale").iterdir()] == ["checkpoint-00000002"]
+
+
+def test_srun_tasks_become_ranks_with_slurm_rendezvous():
+    from slidechat.train import first_slurm_host, slurm_rank_env
+
+    assert first_slurm_host("gpu[03-05,09],cpu01") == "gpu03"
+    assert first_slurm_host("node7") == "node7"
+    env = {"SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NTASKS": "16", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "123456"}
+    assert slurm_rank_env(env) == {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16",
+                                   "MASTER_ADDR": "gpu12", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert slurm_rank_env({**env, "RANK": "0"}) == {}  # a launcher already set the ranks
+    assert slurm_rank_env({**env, "SLURM_NTASKS": "1"}) == {}  # a single task is no distributed run

@@ -203,4 +203,4 @@ def features_dir_of(wildcards, input):
 
 
 def report_inputs():
-    return []
+    return [f"{RESULTS}/summary/slides.tsv"]

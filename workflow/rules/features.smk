@@ -48,3 +48,33 @@ rule extract_features_slide:
 rule extract_features:
     input:
         all_feature_stores,
+
+
+rule summarize_slides:
+    input:
+        stores=all_feature_stores,
+        tiling=expand(rules.tile_slide.output.summary, slide=SLIDES),
+        segmentation=expand(rules.segment_tissue_slide.output.summary, slide=SLIDES),
+    output:
+        report(
+            f"{RESULTS}/summary/slides.tsv",
+            category="2. Patches and features",
+            labels={"table": "per-slide patches and extraction throughput"},
+        ),
+    log:
+        f"{LOG_DIR}/summarize_slides.log",
+    conda:
+        "../../envs/preprocessing.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+        gpu=0,
+    params:
+        seg_dir=lambda wildcards, input: parent_dir(input.segmentation[0]),
+        patch_dir=lambda wildcards, input: parent_dir(input.tiling[0]),
+        features_dir=features_dir_of,
+        bench_dir=BENCH_DIR,
+    shell:
+        "python -m preprocessing summary --seg-dir {params.seg_dir} --patch-dir {params.patch_dir} "
+        "--features-dir {params.features_dir} --bench-dir {params.bench_dir} --out {output} > {log} 2>&1"
