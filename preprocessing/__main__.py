@@ -17,14 +17,18 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        print("usage: python -m preprocessing {" + ",".join(COMMANDS) + "} [options]")
+def dispatch(prog: str, commands: dict[str, str], argv: list[str]) -> int:
+    """Run the sub-command named by argv[0]; modules are imported only when their command runs."""
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in commands:
+        print(f"usage: {prog} {{" + ",".join(commands) + "} [options]")
         print("  each command has its own --help")
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
-    module, func = COMMANDS[argv[0]].split(":")
+    module, func = commands[argv[0]].split(":")
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("python -m preprocessing", COMMANDS, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from preprocessing.__main__ import dispatch
 
 # command -> "module:function"; each function takes argv (list[str]) and returns an exit code.
 COMMANDS = {
@@ -21,13 +22,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        print("usage: slidechat {" + ",".join(COMMANDS) + "} [options]")
-        print("  each command has its own --help")
-        return 0 if argv and argv[0] in {"-h", "--help"} else 2
-    module, func = COMMANDS[argv[0]].split(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    return dispatch("slidechat", COMMANDS, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
