@@ -21,7 +21,7 @@ rule extract_features_slide:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=1,
+        gpu=0 if config["features"]["device"] == "cpu" else 1,
     params:
         out=lambda wildcards, output: parent_dir(output.store),
         mpp=mpp_arg,
@@ -38,11 +38,16 @@ rule extract_features_slide:
         dtype=config["features"]["dtype"],
         batch_size=config["features"]["batch_size"],
         workers=config["features"]["num_workers"],
+        device=(
+            f"--device {config['features']['device']}"
+            if config["features"]["device"] != "auto"
+            else ""
+        ),
     shell:
         "python -m preprocessing extract --slide {input.slide} --coords {input.coords} "
         "--encoder {params.encoder} {params.checkpoint} {params.transform} --out {params.out} "
         "--format {params.fmt} --dtype {params.dtype} --batch-size {params.batch_size} "
-        "--num-workers {params.workers} {params.mpp} > {log} 2>&1"
+        "--num-workers {params.workers} {params.device} {params.mpp} > {log} 2>&1"
 
 
 rule extract_features:
