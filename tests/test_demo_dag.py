@@ -87,7 +87,7 @@ def test_each_stage_runs_alone_on_a_prepared_directory(demo_run):
     shutil.rmtree(results / "patches")
     res = snakemake("--cores", "2", "tile", "--configfile", str(cfg_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    ran = set(re.findall(r"^(?:local)?rule (\w+):$", res.stdout, flags=re.M))
+    ran = set(re.findall(r"^(?:local)?rule (\w+):$", res.stdout + res.stderr, flags=re.M))
     assert ran == {"tile_slide", "tile"}, ran
     assert len(list((results / "patches").glob("*.h5"))) == 6
 
