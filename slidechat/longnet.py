@@ -175,9 +175,26 @@ def dilated_attention(
     zero = q.new_zeros(bsz, 1, h, hd)
     qf, kf, vf = (torch.cat([t, zero], dim=1).view(bsz, rows, hd) for t in (q, k, v))
     heads = torch.arange(h, device=q.device)
-    branches: list[tuple[Tensor, Tensor]] = []
+    branches: list[tuple[Tensor | None, Tensor]] = []  # (flat index or None for a dense branch, output)
     dense_lses: list[Tensor] = []
     for seg_len, ratio in zip(segment_lengths, dilated_ratios):
+        if ratio == 1 and seq_len % min(seg_len, seq_len) == 0:
+            # dense segments with no padding: the gather is a reshape, the scatter a plain add
+            seg = min(seg_len, seq_len)
+            n_seg = seq_len // seg
+
+            def segments(t: Tensor) -> Tensor:
+                return t.view(bsz, n_seg, seg, h, hd).transpose(2, 3).reshape(bsz * n_seg, h, seg, hd)
+
+            o, lse = attention_with_lse(segments(q), segments(k), segments(v), dropout_p)
+            o = o.view(bsz, n_seg, h, seg, hd).transpose(2, 3).reshape(bsz, seq_len * h, hd)
+            lse = lse.reshape(bsz, n_seg, h, seg).transpose(2, 3).reshape(bsz, seq_len * h).float()
+            lse = lse.masked_fill(lse == 0, _LSE_MASK)
+            dense = torch.full((bsz, rows), _LSE_MASK, dtype=torch.float32, device=q.device)
+            dense[:, : seq_len * h] = lse.detach()
+            dense_lses.append(dense)
+            branches.append((None, o))
+            continue
         idx = _branch_index(seq_len, seg_len, ratio, h, q.device)  # [n, m, H]
         n_seg, slots, _ = idx.shape
         # (segment, head, slot) order: the gathered rows are already the [B*n, H, m, d] layout the
@@ -201,7 +218,10 @@ def dilated_attention(
         weights = torch.softmax(torch.stack(dense_lses, dim=0), dim=0)
     out = q.new_zeros(bsz, rows, hd)
     for (flat, o), w in zip(branches, weights):
-        out.index_add_(1, flat, o * w.index_select(1, flat).unsqueeze(-1).to(o.dtype))
+        if flat is None:
+            out[:, : seq_len * h] += o * w[:, : seq_len * h].unsqueeze(-1).to(o.dtype)
+        else:
+            out.index_add_(1, flat, o * w.index_select(1, flat).unsqueeze(-1).to(o.dtype))
     return out[:, : seq_len * h].view(bsz, seq_len, h, hd)
 
 
