@@ -26,8 +26,6 @@ from preprocessing.tissue import (
     SegmentationParams,
     TissueMask,
     add_segmentation_arguments,
-    draw_overlay,
-    overview_image,
     make_params,
     params_from_args,
     save_rgb_png,
@@ -218,19 +216,18 @@ def run_tiling(
     ws: WholeSlide, params: TilingParams, out_dir: Path, seg_params: SegmentationParams, seg_dir: str | Path | None
 ) -> dict:
     """Tiling of an open slide. Without `seg_dir`, segments first and writes those outputs to `out_dir`."""
-    if seg_dir is not None:
-        mask_path = segmentation_paths(Path(seg_dir), ws.slide_id)["mask"]
-        tissue = TissueMask.load_png(mask_path)
-        if tissue.level0_size != ws.dimensions:
-            raise SlideError(f"slide {ws.slide_id}: mask {mask_path} is for a {tissue.level0_size} slide, "
-                             f"this slide is {ws.dimensions}")
-        overlay_path = segmentation_paths(Path(seg_dir), ws.slide_id)["thumbnail"]
-        overlay = np.asarray(_load_rgb(overlay_path))
-    else:
+    if seg_dir is None:
+        # segment here; the outputs then sit in out_dir like those of `segment`
         result = segment_slide_object(ws, seg_params)
         write_segmentation(result, ws, seg_params, out_dir)
-        tissue = result.tissue
-        overlay = draw_overlay(result, overview_image(ws, result))
+        seg_dir = out_dir
+    seg_paths = segmentation_paths(Path(seg_dir), ws.slide_id)
+    tissue = TissueMask.load_png(seg_paths["mask"])
+    if tissue.level0_size != ws.dimensions:
+        raise SlideError(f"slide {ws.slide_id}: mask {seg_paths['mask']} is for a {tissue.level0_size} slide, "
+                         f"this slide is {ws.dimensions}")
+    # the contour overview written by segmentation, so the slide is not read a second time for it
+    overlay = _load_rgb(seg_paths["thumbnail"])
     coords, fractions, geom = select_patches(ws, tissue, params)
     status = "ok" if len(coords) else "no_tissue"
     h5_path = out_dir / f"{ws.slide_id}.h5"
