@@ -3,8 +3,9 @@
 For N patches (default 1k, 4k, 16k, 38.4k) it runs SlideChat's encoder (2 layers, 512-d, 8 heads,
 segments 1024..16384, ratios 1..16) over the whole slide (`context: slide`) in fp32, no grad,
 and the same encoder with dense attention (one full `scaled_dot_product_attention`) where that is
-affordable. Each measurement runs in its own subprocess so the peak resident memory (ru_maxrss,
-minus the process's baseline before the forward) belongs to that run alone. Prints times,
+affordable; the dense encoder differs only in `DilatedAttention.attend`. Each measurement runs in
+its own subprocess so the peak resident memory (ru_maxrss, minus the process's baseline before the
+forward) belongs to that run alone, and ours and dense alternate, round by round. Prints times,
 dense/ours ratios, and the growth exponent of our time and memory (slope of log t over log N).
 
 Goals (issue 4): growth exponent <= 1.15; >= 4x faster than dense at 16k patches on CPU.
@@ -43,14 +44,12 @@ def _worker(mode: str, n: int, reps: int, what: str) -> dict:
     else:
         enc = LongNetEncoder(cfg).eval()
         if mode == "dense":
-            def dense_forward(self, x):  # same projections and sub-LN, full attention
-                b, L, _ = x.shape
-                h, hd = self.num_heads, self.head_dim
-                q, k, v = (p(x).view(b, L, h, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-                a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, L, -1)
-                return self.out_proj(self.inner_attn_ln(a))
+            def dense_attend(self, qkv):  # same projections, sub-LN and FFN; full attention
+                b, L, _ = qkv.shape
+                q, k, v = (t.transpose(1, 2) for t in qkv.view(b, L, 3, self.num_heads, self.head_dim).unbind(2))
+                return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, L, -1)
 
-            DilatedAttention.forward = dense_forward
+            DilatedAttention.attend = dense_attend
         x = torch.randn(n, cfg.embed_dim)
         if mode == "per_patch":
             def run():
@@ -76,6 +75,24 @@ def _run(mode: str, n: int, reps: int, what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _interleaved(modes: list[str], n: int, rounds: int, what: str) -> dict[str, dict]:
+    """Fastest time and smallest peak of each mode over `rounds` rounds that alternate the modes.
+
+    Alternating puts ours and dense into the same stretches of machine time, so a slow spell of a
+    shared machine slows both instead of one side of the ratio. Each run is a fresh process that
+    calls the forward more than once and keeps its fastest call: the first call of a process also
+    pays for faulting in fresh memory, which later calls (the next slide) reuse.
+    """
+    inner = 2 if n >= 16384 else 3
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for mode in modes:
+            r = _run(mode, n, inner, what)
+            b = best.setdefault(mode, dict(r))
+            b["time_s"], b["peak_mib"] = min(b["time_s"], r["time_s"]), min(b["peak_mib"], r["peak_mib"])
+    return best
+
+
 def _slope(xs: list[float], ys: list[float]) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-9)) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
@@ -92,7 +109,8 @@ def main() -> int:
     p.add_argument("--dense-max", type=int, default=16384,
                    help="largest N for dense attention (38.4k dense takes minutes of CPU; memory would fit "
                         "with the flash kernel, time is what rules it out on 2 cores)")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3,
+                   help="rounds; each runs ours and dense once, alternately, and the fastest of each counts")
     p.add_argument("--what", choices=["encoder", "attention"], default="encoder")
     a = p.parse_args()
 
@@ -101,12 +119,14 @@ def main() -> int:
     ours_t, ours_m, ns = [], [], []
     ratios = {}
     for n in a.sizes:
-        o = _run("slide", n, a.reps, a.what)
+        modes = ["slide", "dense"] if n <= a.dense_max else ["slide"]
+        best = _interleaved(modes, n, a.reps, a.what)
+        o = best["slide"]
         ns.append(n)
         ours_t.append(o["time_s"])
         ours_m.append(o["peak_mib"])
-        if n <= a.dense_max:
-            d = _run("dense", n, 1 if n > 8192 else a.reps, a.what)
+        if "dense" in best:
+            d = best["dense"]
             ratios[n] = d["time_s"] / o["time_s"]
             dense = f"{d['time_s']:9.3f} {d['peak_mib']:10.1f} {ratios[n]:10.2f}x"
         else:

@@ -27,6 +27,7 @@ a query attends to at most `segment_length / ratio` keys per branch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,9 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) 
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p=dropout_p)
         return out, lse
     if q.device.type == "cuda":
+        # the dilated branches pass strided views; the CUDA kernels' stride rules differ between
+        # versions, and a copy costs little there
+        q, k, v = (t.contiguous() for t in (q, k, v))
         if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p=dropout_p)
             return res[0], res[1]
@@ -141,19 +145,30 @@ class DilatedAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.inner_attn_ln = nn.LayerNorm(d, eps=cfg.layernorm_eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, L, D] -> [B, L, D]."""
-        bsz, seq_len, _ = x.shape
-        h, hd = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(bsz, seq_len, h, hd)
-        k = self.k_proj(x).view(bsz, seq_len, h, hd)
-        v = self.v_proj(x).view(bsz, seq_len, h, hd)
+    def qkv_weight(self) -> tuple[Tensor, Tensor]:
+        """q, k and v projections stacked into one [3D, D] weight and [3D] bias."""
+        # one GEMM reads the input once (about 8% faster on CPU than three); the parameters stay
+        # in q_proj/k_proj/v_proj under the original names
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        return weight, bias
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """Dilated attention of fused projections qkv [B, L, 3D] -> [B, L, D] (before the sub-LN)."""
+        bsz, seq_len, _ = qkv.shape
+        q, k, v = qkv.view(bsz, seq_len, 3, self.num_heads, self.head_dim).unbind(2)
         attn = dilated_attention(
             q, k, v, self.segment_lengths, self.dilated_ratios,
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
-        attn = self.inner_attn_ln(attn.reshape(bsz, seq_len, self.embed_dim))
-        return self.out_proj(attn)
+        return attn.reshape(bsz, seq_len, self.embed_dim)
+
+    def project_out(self, attn: Tensor) -> Tensor:
+        return self.out_proj(self.inner_attn_ln(attn))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        return self.project_out(self.attend(F.linear(x, *self.qkv_weight())))
 
 
 def dilated_attention(
@@ -165,6 +180,126 @@ def dilated_attention(
     dropout_p: float = 0.0,
 ) -> Tensor:
     """LongNet dilated attention on projected `q, k, v` of shape [B, L, H, d]; returns [B, L, H, d].
+
+    Runs on strided views of the (end-padded) sequence when every branch allows it, which is the
+    case for slide-length sequences and all of SlideChat's settings; otherwise gathers.
+    """
+    bsz, seq_len = q.shape[:2]
+    padded = _strided_length(seq_len, segment_lengths, dilated_ratios)
+    if padded is None:
+        return dilated_attention_gather(q, k, v, segment_lengths, dilated_ratios, dropout_p)
+    return dilated_attention_strided(q, k, v, segment_lengths, dilated_ratios, dropout_p, padded)
+
+
+def dilated_attention_strided(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: list[int],
+    dilated_ratios: list[int],
+    dropout_p: float = 0.0,
+    padded_length: int | None = None,
+) -> Tensor:
+    """Dilated attention without gathers: q/k/v [B, L, H, d] are zero-padded at the end once and
+    each branch's sparse segments are strided views of them (see `_strided_length`)."""
+    bsz, seq_len = q.shape[:2]
+    padded = padded_length or _strided_length(seq_len, segment_lengths, dilated_ratios)
+    if padded is None:
+        raise ValueError(f"length {seq_len} needs padding inside segments; use dilated_attention_gather")
+    if padded > seq_len:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - seq_len)) for t in (q, k, v))
+    outs = [
+        _dilated_attention_strided(q[i], k[i], v[i], seq_len, segment_lengths, dilated_ratios, dropout_p)
+        for i in range(bsz)
+    ]
+    out = torch.stack(outs) if bsz > 1 else outs[0].unsqueeze(0)
+    return out[:, :seq_len]
+
+
+def _branch_layout(seq_len: int, segment_length: int, ratio: int) -> tuple[int, int]:
+    """(segments, slots per segment) of one branch: segments of `min(segment_length, L)`, each padded to a multiple of `ratio`."""
+    seg = min(segment_length, seq_len)
+    return -(-seq_len // seg), -(-seg // ratio)
+
+
+def _strided_length(seq_len: int, segment_lengths: list[int], dilated_ratios: list[int]) -> int | None:
+    """Padded length on which every branch's sparse segments are plain strided views, or None.
+
+    A branch whose segment length is a multiple of its ratio (or that has a single segment) only
+    needs the sequence zero-padded at the end, so the longest such padding serves all branches.
+    None when some branch needs padding inside its segments, or the padding would more than double
+    the sequence (short sequences in a batch, as `context: per_patch` makes them).
+    """
+    length = seq_len
+    for seg_len, ratio in zip(segment_lengths, dilated_ratios):
+        n_seg, slots = _branch_layout(seq_len, seg_len, ratio)
+        if n_seg > 1 and min(seg_len, seq_len) % ratio:
+            return None
+        length = max(length, n_seg * slots * ratio)
+    return length if length <= 2 * seq_len else None
+
+
+def _head_groups(t: Tensor, n_seg: int, ratio: int, num_heads: int) -> list[Tensor]:
+    """Views [n_seg, slots, heads of group, ...] of `t` [n_seg * slots * ratio, H, ...], one per head group.
+
+    Group `g` is the heads `j` with `j // ceil(H / ratio) == g`; in every segment it owns the
+    positions `g, g + ratio, g + 2 ratio, ...`. With `ratio >= H` every head is its own group and
+    the H groups are one diagonal view.
+    """
+    per_group = -(-num_heads // ratio)
+    x = t.view(n_seg, -1, ratio, num_heads, *t.shape[2:])
+    if per_group == 1:
+        return [x[:, :, :num_heads].diagonal(dim1=2, dim2=3).movedim(-1, 2)]
+    return [x[:, :, g, g * per_group : (g + 1) * per_group] for g in range(-(-num_heads // per_group))]
+
+
+def _dilated_attention_strided(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_len: int,
+    segment_lengths: list[int],
+    dilated_ratios: list[int],
+    dropout_p: float,
+) -> Tensor:
+    """Dilated attention of one sequence of `seq_len`, q/k/v [L', H, d] zero-padded to the strided length L'.
+
+    Every head group of every branch runs the fused kernel directly on a strided view (no gather),
+    and its output is added into the matching view of the result (no scatter).
+    """
+    h = q.shape[1]
+    groups = []  # (branch, group, n_seg, ratio, length used, output)
+    lse_all = torch.full((len(segment_lengths), q.shape[0], h), _LSE_MASK, dtype=torch.float32, device=q.device)
+    for b, (seg_len, ratio) in enumerate(zip(segment_lengths, dilated_ratios)):
+        n_seg, slots = _branch_layout(seq_len, seg_len, ratio)
+        used = n_seg * slots * ratio
+        views = zip(*(_head_groups(t[:used], n_seg, ratio, h) for t in (q, k, v)))
+        lse_views = _head_groups(lse_all[b, :used], n_seg, ratio, h)
+        for g, (qg, kg, vg) in enumerate(views):
+            o, lse = attention_with_lse(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), dropout_p)
+            lse = lse.transpose(1, 2).float()
+            # as in the original: a normaliser of exactly 0 is treated like "not covered"
+            lse_views[g].copy_(lse.detach().masked_fill(lse == 0, _LSE_MASK))
+            groups.append((b, g, n_seg, ratio, used, o.transpose(1, 2)))
+    # combine branches by their softmax normalisers; no gradient through the weights (as original)
+    with torch.no_grad():
+        weights = torch.softmax(lse_all, dim=0)
+    out = q.new_zeros(q.shape)
+    for b, g, n_seg, ratio, used, o in groups:
+        w = _head_groups(weights[b, :used], n_seg, ratio, h)[g]
+        _head_groups(out[:used], n_seg, ratio, h)[g].addcmul_(o, w.unsqueeze(-1).to(o.dtype))
+    return out
+
+
+def dilated_attention_gather(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: list[int],
+    dilated_ratios: list[int],
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Dilated attention by gathering: the general path, for layouts `dilated_attention_strided` can't view.
 
     Each branch gathers its sparse segments with one flat index (an extra zero row stands for the
     padding the original adds), runs fused attention on them, and only the covered (position,
@@ -246,6 +381,21 @@ class FeedForwardNetwork(nn.Module):
         return self.dropout(self.fc2(x))
 
 
+TOKEN_CHUNK = 2048  # tokens per chunk for per-token work at inference: 2048 x 1024 fp32 = 8 MiB
+
+
+def by_token_chunks(fn: Callable[..., Tensor], *xs: Tensor, out_dim: int, chunk: int | None = None) -> Tensor:
+    """`fn(*xs, out=...)` for a per-token `fn` of tensors [..., D_i] with the same leading dims, in
+    chunks of tokens; `fn` writes each chunk's [tokens, out_dim] result into `out`."""
+    chunk = chunk or TOKEN_CHUNK
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    n = flat[0].shape[0]
+    out = flat[0].new_empty(n, out_dim)
+    for start in range(0, n, chunk):
+        fn(*(x[start : start + chunk] for x in flat), out=out[start : start + chunk])
+    return out.view(*xs[0].shape[:-1], out_dim)
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (timm semantics: surviving samples are scaled by 1/keep)."""
 
@@ -277,12 +427,27 @@ class LongNetEncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        residual = x
-        x = self.self_attn(self.self_attn_layer_norm(x))
-        x = residual + self.drop_path(self.dropout(x))
-        residual = x
-        x = self.ffn(self.final_layer_norm(x))
-        return residual + self.drop_path(x)
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
+            residual = x
+            x = self.self_attn(self.self_attn_layer_norm(x))
+            x = residual + self.drop_path(self.dropout(x))
+            residual = x
+            x = self.ffn(self.final_layer_norm(x))
+            return residual + self.drop_path(x)
+        # CPU inference: only the attention needs the whole sequence; everything before and after
+        # it is per token and runs over chunks of tokens that stay in cache (the FFN block alone
+        # is ~25% faster so, and its [L, ffn_dim] intermediate is never whole)
+        weight, bias = self.self_attn.qkv_weight()
+
+        def project(t: Tensor, out: Tensor) -> Tensor:
+            return torch.addmm(bias, self.self_attn_layer_norm(t), weight.t(), out=out)
+
+        qkv = by_token_chunks(project, x, out_dim=weight.shape[0])
+        return by_token_chunks(self._after_attention, self.self_attn.attend(qkv), x, out_dim=x.shape[-1])
+
+    def _after_attention(self, attn: Tensor, residual: Tensor, out: Tensor) -> Tensor:
+        x = residual + self.self_attn.project_out(attn)
+        return torch.add(x, self.ffn(self.final_layer_norm(x)), out=out)
 
 
 class LongNetEncoder(nn.Module):

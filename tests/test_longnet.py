@@ -8,12 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slidechat import longnet
 from slidechat.longnet import (
     LongNetConfig,
     LongNetEncoder,
+    _strided_length,
     attention_with_lse,
     attention_with_lse_math,
     dilated_attention,
+    dilated_attention_gather,
+    dilated_attention_strided,
 )
 
 
@@ -84,6 +88,29 @@ def test_dilated_attention_matches_dense_reference(heads, segs, ratios, length):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads,segs,ratios", CASES)
+@pytest.mark.parametrize("length", [1, 7, 37, 100])
+def test_gather_and_strided_paths_both_match_dense_reference(heads, segs, ratios, length):
+    torch.manual_seed(length * 7 + heads)
+    q, k, v = (torch.randn(1, length, heads, 8) for _ in range(3))
+    ref = dense_reference(q, k, v, segs, ratios).float()
+    torch.testing.assert_close(dilated_attention_gather(q, k, v, segs, ratios), ref, atol=1e-5, rtol=1e-5)
+    if _strided_length(length, segs, ratios) is not None:
+        torch.testing.assert_close(dilated_attention_strided(q, k, v, segs, ratios), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_path_covers_slide_lengths_and_refuses_inner_padding():
+    slidechat = ([1024, 2048, 4096, 8192, 16384], [1, 2, 4, 8, 16])
+    assert _strided_length(16384, *slidechat) == 16384  # no copy at all
+    assert _strided_length(38400, *slidechat) == 49152  # three 16384 segments, zero-padded at the end
+    assert _strided_length(300, *slidechat) == 304  # one capped segment, padded to a multiple of 16
+    assert _strided_length(1, *slidechat) is None  # per_patch sequences: padding would be 16x
+    assert _strided_length(100, [10], [3]) is None  # segments of 10 need padding inside: gather
+    q = torch.zeros(1, 100, 2, 4)
+    with pytest.raises(ValueError, match="padding inside segments"):
+        dilated_attention_strided(q, q, q, [10], [3])
+
+
 @pytest.mark.parametrize("length", [7, 37, 100])
 def test_dilated_attention_gradients_match_dense_reference(length):
     torch.manual_seed(length)
@@ -104,12 +131,15 @@ def test_single_full_branch_is_plain_attention():
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_batched_sequences_are_independent():
+@pytest.mark.parametrize("length", [40, 37])  # 37: zero-padded at the end
+def test_batched_sequences_are_independent(length):
     torch.manual_seed(1)
-    q, k, v = (torch.randn(3, 40, 4, 8) for _ in range(3))
+    q, k, v = (torch.randn(3, length, 4, 8) for _ in range(3))
     both = dilated_attention(q, k, v, [8, 16], [1, 2])
     one = dilated_attention(q[1:2], k[1:2], v[1:2], [8, 16], [1, 2])
     torch.testing.assert_close(both[1:2], one, atol=1e-6, rtol=1e-6)
+    ref = dense_reference(q[2:3], k[2:3], v[2:3], [8, 16], [1, 2]).float()
+    torch.testing.assert_close(both[2:3], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_kernel_returns_logsumexp():
@@ -172,3 +202,19 @@ def test_eval_is_deterministic_and_train_uses_dropout():
     torch.testing.assert_close(enc(x), enc(x))
     enc.train()
     assert not torch.allclose(enc(x), enc(x))
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 32), (300, 1, 32)])  # slide context, per_patch context
+def test_inference_in_token_chunks_equals_whole_sequence_forward(monkeypatch, shape):
+    torch.manual_seed(5)
+    enc = LongNetEncoder(_tiny_cfg()).eval()
+    x = torch.randn(*shape)
+    whole = enc(x)  # gradients enabled: every op on the whole sequence
+    monkeypatch.setattr(longnet, "TOKEN_CHUNK", 64)  # 300 tokens -> 5 chunks, the last one short
+    calls = []
+    real = longnet.by_token_chunks
+    monkeypatch.setattr(longnet, "by_token_chunks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        chunked = enc(x)
+    assert len(calls) == 2 * len(enc.layers)  # the chunked path ran
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
