@@ -184,8 +184,7 @@ def dilated_attention(
     Runs on strided views of the (end-padded) sequence when every branch allows it, which is the
     case for slide-length sequences and all of SlideChat's settings; otherwise gathers.
     """
-    bsz, seq_len = q.shape[:2]
-    padded = _strided_length(seq_len, segment_lengths, dilated_ratios)
+    padded = _strided_length(q.shape[1], segment_lengths, dilated_ratios)
     if padded is None:
         return dilated_attention_gather(q, k, v, segment_lengths, dilated_ratios, dropout_p)
     return dilated_attention_strided(q, k, v, segment_lengths, dilated_ratios, dropout_p, padded)
