@@ -107,6 +107,12 @@ def attention_with_lse_math(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 
 # dilated attention
 
 
+def _branch_layout(seq_len: int, segment_length: int, ratio: int) -> tuple[int, int]:
+    """(segments, slots per segment) of one branch: segments of `min(segment_length, L)`, each padded to a multiple of `ratio`."""
+    seg = min(segment_length, seq_len)
+    return -(-seq_len // seg), -(-seg // ratio)
+
+
 def _branch_index(seq_len: int, segment_length: int, ratio: int, num_heads: int, device: torch.device) -> Tensor:
     """Dense position of every (segment, sparse slot, head) of one branch; `seq_len` marks a zero slot.
 
@@ -116,8 +122,7 @@ def _branch_index(seq_len: int, segment_length: int, ratio: int, num_heads: int,
     the sequence end) point at the zero row `seq_len`.
     """
     seg = min(segment_length, seq_len)
-    n_seg = -(-seq_len // seg)
-    slots = -(-seg // ratio)
+    n_seg, slots = _branch_layout(seq_len, segment_length, ratio)
     heads_per_group = -(-num_heads // ratio)  # ceil(H / ratio): head padding to a multiple of ratio
     offset = torch.arange(num_heads, device=device) // heads_per_group  # r_j < ratio
     t = torch.arange(slots, device=device)
@@ -184,10 +189,9 @@ def dilated_attention(
     Runs on strided views of the (end-padded) sequence when every branch allows it, which is the
     case for slide-length sequences and all of SlideChat's settings; otherwise gathers.
     """
-    padded = _strided_length(q.shape[1], segment_lengths, dilated_ratios)
-    if padded is None:
+    if _strided_length(q.shape[1], segment_lengths, dilated_ratios) is None:
         return dilated_attention_gather(q, k, v, segment_lengths, dilated_ratios, dropout_p)
-    return dilated_attention_strided(q, k, v, segment_lengths, dilated_ratios, dropout_p, padded)
+    return dilated_attention_strided(q, k, v, segment_lengths, dilated_ratios, dropout_p)
 
 
 def dilated_attention_strided(
@@ -197,12 +201,11 @@ def dilated_attention_strided(
     segment_lengths: list[int],
     dilated_ratios: list[int],
     dropout_p: float = 0.0,
-    padded_length: int | None = None,
 ) -> Tensor:
     """Dilated attention without gathers: q/k/v [B, L, H, d] are zero-padded at the end once and
     each branch's sparse segments are strided views of them (see `_strided_length`)."""
     bsz, seq_len = q.shape[:2]
-    padded = padded_length or _strided_length(seq_len, segment_lengths, dilated_ratios)
+    padded = _strided_length(seq_len, segment_lengths, dilated_ratios)
     if padded is None:
         raise ValueError(f"length {seq_len} needs padding inside segments; use dilated_attention_gather")
     if padded > seq_len:
@@ -213,12 +216,6 @@ def dilated_attention_strided(
     ]
     out = torch.stack(outs) if bsz > 1 else outs[0].unsqueeze(0)
     return out[:, :seq_len]
-
-
-def _branch_layout(seq_len: int, segment_length: int, ratio: int) -> tuple[int, int]:
-    """(segments, slots per segment) of one branch: segments of `min(segment_length, L)`, each padded to a multiple of `ratio`."""
-    seg = min(segment_length, seq_len)
-    return -(-seq_len // seg), -(-seg // ratio)
 
 
 def _strided_length(seq_len: int, segment_lengths: list[int], dilated_ratios: list[int]) -> int | None:
