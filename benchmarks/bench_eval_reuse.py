@@ -24,7 +24,8 @@ import torch
 from preprocessing.stores import write_zarr_store
 from slidechat.benchmarks_io import TCGA_COLUMNS, load_benchmark
 from slidechat.evaluate import EvalSettings, StoreFinder, generate_for_benchmark
-from slidechat.model import SlideChat, SlideChatConfig
+from slidechat.checkpoint import new_model
+from slidechat.model import SlideChatConfig
 from slidechat.tiny import build_tiny_llm
 
 CORPUS = ["What is the most likely diagnosis?", "A. adenocarcinoma B. lymphoid C. stroma D. necrosis",
@@ -45,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         llm = build_tiny_llm(root / "llm", CORPUS, vocab_size=400, hidden_size=64, num_layers=2, num_heads=4)
-        model = SlideChat.from_llm(llm, SlideChatConfig(context="slide")).to(a.device).eval()
+        model = new_model(llm, SlideChatConfig(context="slide")).to(a.device).eval()
         feats_dir = root / "features"
         rng = np.random.default_rng(0)
         rows = []

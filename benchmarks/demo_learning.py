@@ -57,10 +57,10 @@ def make_cohort(work: Path, train_per_class: int, test_per_class: int, seed: int
 
 def evaluate(model_dir: Path, bench_csv: Path, feats_dir: Path, llm_dir: Path) -> tuple[float, float, list[str]]:
     from preprocessing.stores import load_features
-    from slidechat.model import SlideChat
+    from slidechat.checkpoint import load_model
     from slidechat.scoring import extract_answer
 
-    model = SlideChat.from_pretrained(model_dir, llm=llm_dir).eval()
+    model = load_model(model_dir, llm=llm_dir).eval()
     rows = list(csv.DictReader(open(bench_csv)))
     ok, outs = 0, []
     for r in rows:

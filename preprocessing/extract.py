@@ -52,6 +52,7 @@ from preprocessing.stores import (
     software_versions,
     write_h5_store,
 )
+from wsicore.files import jsonable
 
 log = logging.getLogger("preprocessing.extract")
 
@@ -133,7 +134,7 @@ def read_coords(path: str | Path) -> PatchPlan:
     except (KeyError, TypeError) as exc:
         raise StoreError(f"{path}: coords attributes incomplete ({exc}); re-run tiling") from exc
     slide_id = str(attrs.get("slide_id") or path.stem)
-    return PatchPlan(slide_id, coords, _jsonable(attrs), level, read_size, patch_size, ds_xy)
+    return PatchPlan(slide_id, coords, jsonable(attrs), level, read_size, patch_size, ds_xy)
 
 
 def plan_regions(coords: np.ndarray, rows: np.ndarray, downsample_xy: tuple[float, float], read_size: int,
@@ -408,20 +409,6 @@ class ModelRunner:
 # --------------------------------------------------------------------------------------------------
 # Per-slide state
 # --------------------------------------------------------------------------------------------------
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode()
-    return v
-
-
 def _sha256_coords(plan: PatchPlan) -> str:
     h = hashlib.sha256(np.ascontiguousarray(plan.coords, dtype=np.int64).tobytes())
     h.update(f"{plan.read_level}|{plan.read_size}|{plan.patch_size}|{plan.downsample_xy}".encode())
@@ -438,7 +425,7 @@ def _partial_path(final: Path) -> Path:
 
 def _identity_diff(existing: dict, wanted: dict) -> list[str]:
     return [f"{k}: store has {existing.get(k)!r}, requested {wanted.get(k)!r}"
-            for k in IDENTITY_KEYS if _jsonable(existing.get(k)) != _jsonable(wanted.get(k))]
+            for k in IDENTITY_KEYS if jsonable(existing.get(k)) != jsonable(wanted.get(k))]
 
 
 class SlideState:
@@ -688,7 +675,7 @@ def _run(states: list[SlideState], pool: ReaderPool, runner: ModelRunner, opts: 
 
 def _store_attrs(plan: PatchPlan, job: SlideJob, encoder: PatchEncoder, identity: dict, opts: ExtractOptions) -> dict:
     ca = plan.coords_attrs
-    return _jsonable({
+    return jsonable({
         "format": STORE_FORMAT,
         "format_version": STORE_FORMAT_VERSION,
         "slide_id": plan.slide_id,

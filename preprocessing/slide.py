@@ -14,6 +14,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 import openslide
+from wsicore.errors import InputError
 
 # TIFF ResolutionUnit -> micrometres per unit.
 _UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter": 1000.0, "micrometer": 1.0}
@@ -23,7 +24,7 @@ _UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimet
 LEVEL_TOLERANCE = 1e-3
 
 
-class SlideError(RuntimeError):
+class SlideError(InputError, RuntimeError):
     """A slide that cannot be used: unreadable, corrupt, or lacking information. Names the slide."""
 
 

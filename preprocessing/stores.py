@@ -30,14 +30,15 @@ import h5py
 import numpy as np
 
 from preprocessing import __version__
-from preprocessing.atomic import atomic_path
+from wsicore.files import atomic_path, jsonable
+from wsicore.errors import InputError
 
 STORE_FORMAT = "wsi-slidechat-features"
 STORE_FORMAT_VERSION = 1
 _PATCH_NAME = re.compile(r"(-?\d+)_(-?\d+)(?:\.[A-Za-z0-9]+)?$")
 
 
-class StoreError(RuntimeError):
+class StoreError(InputError, RuntimeError):
     """A feature store that cannot be read, or one that would be mixed with different parameters."""
 
 
@@ -142,7 +143,7 @@ def _load_h5(p: Path) -> FeatureSet:
             coords = np.asarray(f["coords"][:], dtype=np.int64) if "coords" in f else None
             attrs = _h5_root_attrs(f)
             if "coords" in f:
-                attrs.setdefault("coords_attrs", {k: _plain(v) for k, v in f["coords"].attrs.items()})
+                attrs.setdefault("coords_attrs", {k: jsonable(v) for k, v in f["coords"].attrs.items()})
     except (OSError, KeyError) as exc:
         raise StoreError(f"{p}: not a readable CLAM/TRIDENT feature file ({type(exc).__name__}: {exc})") from exc
     if feats.ndim == 3 and feats.shape[0] == 1:  # some pipelines save (1, N, D)
@@ -153,16 +154,6 @@ def _load_h5(p: Path) -> FeatureSet:
     if len(coords) != len(feats):
         raise StoreError(f"{p}: {len(feats)} feature rows but {len(coords)} coords")
     return FeatureSet(feats, coords, attrs, str(attrs.get("slide_id") or slide_id_of_store(p)))
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 def _load_csv(p: Path) -> FeatureSet:

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from preprocessing.atomic import write_text
+from wsicore.files import write_text
 
 
 def _benchmark_seconds(path: Path) -> float | None:

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import tifffile
 
-from preprocessing.atomic import atomic_path
+from wsicore.files import atomic_path
 
 BACKGROUND = np.array([243, 243, 241], np.float32)
 CLASSES = ("adenocarcinoma", "lymphoid", "stroma")

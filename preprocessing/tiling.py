@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from preprocessing import __version__
-from preprocessing.atomic import atomic_path, write_json
+from wsicore.files import atomic_path, write_json
 from preprocessing.slide import SlideError, WholeSlide
 from preprocessing.tissue import (
     SegmentationParams,

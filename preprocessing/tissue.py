@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from preprocessing import __version__
-from preprocessing.atomic import atomic_path, write_json
+from wsicore.files import atomic_path, write_json
 from preprocessing.slide import SlideError, WholeSlide
 
 # CLAM expresses areas in multiples of a 512x512 level-0 patch ("ref_patch_size").

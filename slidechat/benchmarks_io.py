@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from preprocessing.atomic import atomic_path
+from wsicore.files import atomic_path
 from slidechat.instructions import normalize_slide_id
+from wsicore.errors import InputError
 
 LETTERS = ("A", "B", "C", "D")
 TCGA_COLUMNS = ["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", *LETTERS, "Answer"]
@@ -38,7 +39,7 @@ DEFAULT_CAPTION_PROMPT = "Please provide a detailed description of this whole sl
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(InputError, ValueError):
     """A benchmark file that cannot be read as any supported format (names the missing columns/keys)."""
 
 

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocessing.atomic import atomic_path, write_json, write_text
+from wsicore.files import atomic_path, write_json, write_text
 
 LETTERS = "ABCD"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from preprocessing.atomic import write_json
+from wsicore.files import write_json
 from slidechat.benchmarks_io import (
     DEFAULT_CAPTION_PROMPT,
     LETTER_INSTRUCTION,
@@ -128,12 +128,12 @@ def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None):
 # ------------------------------------------------------------------------------------------------ model
 
 
-def load_model(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None, device: str | None = None,
-               dtype: str | None = None):
-    """`SlideChat.from_pretrained(model_dir, llm=llm)` in eval mode on `device` (default: cuda when present)."""
+def load_model_on(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None, device: str | None = None,
+                  dtype: str | None = None):
+    """`checkpoint.load_model(model_dir, llm=llm)` in eval mode on `device` (default: cuda when present)."""
     import torch
 
-    from slidechat.model import SlideChat
+    from slidechat.checkpoint import load_model
 
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"model not found: {model_dir} (option --model / --checkpoint)")
@@ -141,7 +141,7 @@ def load_model(model_dir: str | os.PathLike, llm: str | os.PathLike | None = Non
         raise FileNotFoundError(f"LLM directory not found: {llm} (option --llm)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else None
-    model = SlideChat.from_pretrained(str(model_dir), llm=str(llm) if llm else None, torch_dtype=torch_dtype)
+    model = load_model(str(model_dir), llm=str(llm) if llm else None, torch_dtype=torch_dtype)
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
     model = model.to(device)
@@ -267,7 +267,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
         bench.items = bench.items[:limit]
     finder = StoreFinder(features_dir, read_slide_map(slide_map) if slide_map else None)
     if model is None:
-        model = load_model(model_dir, llm, device, dtype)
+        model = load_model_on(model_dir, llm, device, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL_FILE

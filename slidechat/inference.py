@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from preprocessing.atomic import write_json
+from wsicore.files import write_json
 
 DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
 CHECKPOINT_ENV = "SLIDECHAT_CHECKPOINT"
@@ -182,7 +182,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     """(model, features tensor) for the parsed arguments."""
-    from slidechat.evaluate import load_model, load_slide_tensor, model_device_dtype
+    from slidechat.evaluate import load_model_on, load_slide_tensor, model_device_dtype
 
     if not a.checkpoint:
         raise SystemExit(f"slidechat: no model given: pass --checkpoint DIR (or set ${CHECKPOINT_ENV})")
@@ -190,7 +190,7 @@ def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
         raise FileNotFoundError(f"model not found: {a.checkpoint} (option --checkpoint)")
     fs = _feature_settings(a)
     store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
-    model = load_model(a.checkpoint, a.llm, a.device, a.dtype)
+    model = load_model_on(a.checkpoint, a.llm, a.device, a.dtype)
     device, dtype = model_device_dtype(model)
     return model, load_slide_tensor(store, device, dtype)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from preprocessing.atomic import write_json
+from wsicore.files import sha256_file, write_json
 
 IMAGE_TOKEN = "<image>"
 STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order when one slide has several stores
@@ -54,14 +53,6 @@ def leak_key(slide_id: str, level: str = "slide") -> str:
     if level == "case" and _TCGA_SLIDE.match(slide_id):
         return slide_id[:12].upper()
     return slide_id
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_benchmark_slide_ids(path: str | os.PathLike) -> set[str]:

@@ -6,7 +6,7 @@ import csv
 import os
 from pathlib import Path
 
-from preprocessing.atomic import atomic_path
+from wsicore.files import atomic_path
 
 
 def read_log(csv_path: str | os.PathLike) -> dict[str, list[float]]:

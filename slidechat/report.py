@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from preprocessing.atomic import atomic_path, write_text
+from wsicore.files import atomic_path, write_text
 
 
 def _pct(x: float | None) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from preprocessing.atomic import write_json
+from wsicore.files import write_json
 from slidechat.benchmarks_io import (
     Benchmark,
     BenchItem,

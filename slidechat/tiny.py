@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from preprocessing.atomic import atomic_path
+from wsicore.files import atomic_path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

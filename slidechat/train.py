@@ -6,7 +6,7 @@ all trained (or LoRA adapters on the LLM with `--lora`).
 
 Checkpoints (trainable weights, optimizer, scheduler, data position, RNG states) go to `--work-dir`, which
 lies outside the rule's declared output; a rerun resumes from the newest one. The declared output `--out` is
-the final model directory, written atomically with `SlideChat.save_pretrained`, together with the training
+the final model directory, written atomically with `checkpoint.save_model`, together with the training
 log (`train_log.csv`) and curves (`training_curves.png`). TensorBoard events are in `<work-dir>/tensorboard`.
 """
 
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocessing.atomic import atomic_path, write_json
+from wsicore.files import atomic_path, jsonable, write_json
+from wsicore.errors import UserError, EXIT_DIVERGED
 
 # Issue defaults; configs/train_stage{1,2}.yaml hold the same values.
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
@@ -44,11 +45,13 @@ LOG_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "patches_per_s", "grad_norm
 CKPT_PREFIX = "checkpoint-"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Loss became NaN or inf; the last good checkpoint is kept."""
 
+    exit_code = EXIT_DIVERGED
 
-class TrainSetupError(RuntimeError):
+
+class TrainSetupError(UserError, RuntimeError):
     """A setting, input or environment that prevents training (message names the option)."""
 
 
@@ -261,16 +264,17 @@ def _load_4bit_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """Stage 1: a new slide encoder + projector on the local LLM, LLM frozen. Stage 2: stage-1 model, all trainable."""
-    from slidechat.model import SlideChat, SlideChatConfig
+    from slidechat.checkpoint import load_model, new_model
+    from slidechat.model import SlideChatConfig
 
     if cfg.stage == 1 and not cfg.init:
         model_kw = dict(cfg.model)
         if cfg.max_patches is not None:
             model_kw["max_patches_train"] = cfg.max_patches
         mcfg = SlideChatConfig(**model_kw)
-        model = _load_4bit_model(cfg, mcfg) if cfg.load_in_4bit else SlideChat.from_llm(cfg.llm, mcfg)
+        model = _load_4bit_model(cfg, mcfg) if cfg.load_in_4bit else new_model(cfg.llm, mcfg)
     else:
-        model = SlideChat.from_pretrained(cfg.init, llm=cfg.llm)
+        model = load_model(cfg.init, llm=cfg.llm)
         for k, v in cfg.model.items():  # the architecture comes from --init; only say when flags disagree
             if k in ("context", "bypass_slide_encoder") and getattr(model.config, k) != v:
                 print(f"note: {k}={getattr(model.config, k)!r} from {cfg.init} kept (flag asked {v!r})", flush=True)
@@ -560,7 +564,7 @@ def train(cfg: TrainConfig) -> Path:
             acc = _Acc()
             stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
             if step % cfg.save_steps == 0 or step == total_steps or stopping:
-                info = {"fingerprint": fingerprint, "total_steps": total_steps, "config": _jsonable(cfg)}
+                info = {"fingerprint": fingerprint, "total_steps": total_steps, "config": jsonable(cfg)}
                 _save(engine, work_dir, step, model, optimizer, scheduler, info, cfg.save_total_limit, rank)
             if stopping and step < total_steps:
                 print(f"stopped after step {step} as asked (--stop-after-step); rerun to resume", flush=True)
@@ -621,10 +625,6 @@ class _Acc:
         return sum(self.losses) / max(1, len(self.losses))
 
 
-def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
 def _save(engine: Any, work_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
           state: dict, keep: int, rank: int) -> None:
     if engine is None:
@@ -642,6 +642,7 @@ def _save(engine: Any, work_dir: Path, step: int, model: nn.Module, optimizer: A
 
 def _write_final(model: nn.Module, cfg: TrainConfig, work_dir: Path, engine: Any) -> None:
     """The declared output: model + training log + curves, renamed into place in one go."""
+    from slidechat.checkpoint import save_model
     from slidechat.plots import plot_training_curves
 
     if engine is not None and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
@@ -649,10 +650,10 @@ def _write_final(model: nn.Module, cfg: TrainConfig, work_dir: Path, engine: Any
                                   "use zero2.json, or convert the DeepSpeed checkpoint in the work dir")
     with atomic_path(cfg.out, is_dir=True) as tmp:
         # Stage 1 leaves the LLM as it was: save a reference to it, not a copy (stage 2 gets --llm again).
-        model.save_pretrained(tmp, save_llm=cfg.stage != 1)
+        save_model(model, tmp, save_llm=cfg.stage != 1)
         shutil.copy(work_dir / "train_log.csv", tmp / "train_log.csv")
         plot_training_curves(tmp / "train_log.csv", tmp / "training_curves.png", title=f"stage {cfg.stage}")
-        write_json(tmp / "training_config.json", _jsonable(cfg))
+        write_json(tmp / "training_config.json", jsonable(cfg))
         if cfg.curves:
             with atomic_path(cfg.curves) as png:
                 shutil.copy(tmp / "training_curves.png", png)

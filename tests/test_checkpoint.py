@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slidechat import checkpoint as ckpt
+from slidechat.checkpoint import load_model, new_model
 from slidechat.model import SlideChat, SlideChatConfig
 from slidechat.tiny import build_tiny_llm
 
@@ -72,7 +73,7 @@ def tiny_llm(tmp_path_factory) -> Path:
 def source(tiny_llm) -> SlideChat:
     """A model whose weights play the role of the released ones (LLM perturbed so it differs from the base)."""
     torch.manual_seed(0)
-    m = SlideChat.from_llm(tiny_llm, tiny_config())
+    m = new_model(tiny_llm, tiny_config())
     with torch.no_grad():
         for p in m.llm.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -115,7 +116,7 @@ def test_deepspeed_folder_loads_strictly_without_importing_foreign_classes(sourc
     marker = tmp_path / "pwned"
     folder = deepspeed_folder(source, tmp_path, marker)
     assert "mmengine" not in sys.modules
-    loaded = SlideChat.from_pretrained(folder, llm=tiny_llm, config=tiny_config())
+    loaded = load_model(folder, llm=tiny_llm, config=tiny_config())
     assert "mmengine" not in sys.modules and FAKE_MODULE not in sys.modules
     assert not marker.exists(), "the restricted unpickler must not call os.system"
     stubbed = ckpt.stubbed_classes()
@@ -123,19 +124,19 @@ def test_deepspeed_folder_loads_strictly_without_importing_foreign_classes(sourc
     assert loaded.config.context == "per_patch" and loaded.llm_weights_loaded
     _same_outputs(source, loaded)
     # the LLM weights came from the checkpoint, not from the base directory
-    base = SlideChat.from_llm(tiny_llm, tiny_config())
+    base = new_model(tiny_llm, tiny_config())
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base.llm.state_dict()[name], loaded.llm.state_dict()[name])
     torch.testing.assert_close(loaded.llm.state_dict()[name], source.llm.state_dict()[name], atol=0, rtol=0)
     # the file itself, and the folder one level above, work too
-    assert SlideChat.from_pretrained(folder / "mp_rank_00_model_states.pt", llm=tiny_llm, config=tiny_config())
-    assert SlideChat.from_pretrained(tmp_path, llm=tiny_llm, config=tiny_config())
+    assert load_model(folder / "mp_rank_00_model_states.pt", llm=tiny_llm, config=tiny_config())
+    assert load_model(tmp_path, llm=tiny_llm, config=tiny_config())
 
 
 def test_context_is_forced_to_per_patch_for_released_weights(source, tiny_llm, tmp_path):
     path = tmp_path / "flat.pth"
     torch.save(released_state(source), path)
-    loaded = SlideChat.from_pretrained(path, llm=tiny_llm, config=tiny_config(context="slide"))
+    loaded = load_model(path, llm=tiny_llm, config=tiny_config(context="slide"))
     assert loaded.config.context == "per_patch"
 
 
@@ -145,7 +146,7 @@ def test_plain_pth_variants(source, tiny_llm, tmp_path, nesting):
     obj = sd if nesting == "flat" else {nesting: sd, "meta": {"note": "x"}}
     path = tmp_path / "model.pth"
     torch.save(obj, path)
-    _same_outputs(source, SlideChat.from_pretrained(path, llm=tiny_llm, config=tiny_config()))
+    _same_outputs(source, load_model(path, llm=tiny_llm, config=tiny_config()))
 
 
 def test_missing_extra_and_misshaped_keys_fail_clearly(source, tiny_llm, tmp_path):
@@ -168,12 +169,12 @@ def test_missing_extra_and_misshaped_keys_fail_clearly(source, tiny_llm, tmp_pat
         path = tmp_path / f"{name}.pth"
         torch.save({"module": state}, path)
         with pytest.raises(KeyError, match=expect[name].replace(".", r"\.")):
-            SlideChat.from_pretrained(path, llm=tiny_llm, config=tiny_config())
+            load_model(path, llm=tiny_llm, config=tiny_config())
 
 
 def test_stage1_checkpoint_without_llm_keys_uses_base_llm(source, tiny_llm, tmp_path):
     folder = deepspeed_folder(source, tmp_path, with_llm=False)
-    loaded = SlideChat.from_pretrained(folder, llm=tiny_llm, config=tiny_config())
+    loaded = load_model(folder, llm=tiny_llm, config=tiny_config())
     assert not loaded.llm_weights_loaded
     x = torch.randn(8, FEAT)
     torch.testing.assert_close(loaded.encode_slide(x), source.encode_slide(x), atol=1e-6, rtol=1e-6)
@@ -183,7 +184,7 @@ def test_released_checkpoint_needs_llm_dir(source, tmp_path):
     path = tmp_path / "m.pth"
     torch.save(released_state(source), path)
     with pytest.raises(FileNotFoundError, match="`llm`"):
-        SlideChat.from_pretrained(path, llm=None, config=tiny_config())
+        load_model(path, llm=None, config=tiny_config())
 
 
 def test_xtuner_save_pretrained_layout(source, tiny_llm, tmp_path):
@@ -200,7 +201,7 @@ def test_xtuner_save_pretrained_layout(source, tiny_llm, tmp_path):
         {"model_type": "projector", "visual_hidden_size": FEAT, "llm_hidden_size": source.config.llm_hidden_size, "depth": 2}))
     source.llm.save_pretrained(root)  # stage 2: xtuner writes the trained LLM at the top level
     source.tokenizer.save_pretrained(root)
-    loaded = SlideChat.from_pretrained(root, config=tiny_config())
+    loaded = load_model(root, config=tiny_config())
     _same_outputs(source, loaded)
 
 
@@ -216,7 +217,7 @@ def test_convert_checkpoint_cli_writes_safetensors_dir(source, tiny_llm, tmp_pat
     assert meta["llm_format"] == "full" and meta["config"]["context"] == "per_patch"
     assert meta["config"]["encoder_heads"] == 4
     # heads are not in the weights: --num-heads and the config must agree with the source
-    loaded = SlideChat.from_pretrained(dst)
+    loaded = load_model(dst)
     assert loaded.config.segment_lengths == [1024, 2048, 4096, 8192, 16384]  # default (not in weights)
     x = torch.randn(13, FEAT)
     # per_patch outputs do not depend on segment lengths (every sequence has length 1)

@@ -14,7 +14,8 @@ from preprocessing.stores import write_h5_store, write_zarr_store
 from slidechat.benchmarks_io import TCGA_COLUMNS, load_benchmark
 from slidechat.cli import main as cli
 from slidechat.evaluate import EvalSettings, StoreFinder, build_question, evaluate, generate_for_benchmark
-from slidechat.model import SlideChat, SlideChatConfig
+from slidechat.checkpoint import load_model, new_model, save_model
+from slidechat.model import SlideChatConfig
 from slidechat.tiny import build_tiny_llm
 
 CORPUS = [
@@ -37,13 +38,13 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("model")
     llm = build_tiny_llm(root / "llm", CORPUS, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
     torch.manual_seed(0)
-    model = SlideChat.from_llm(llm, tiny_model_config())
-    return model.save_pretrained(root / "slidechat")
+    model = new_model(llm, tiny_model_config())
+    return save_model(model, root / "slidechat")
 
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return SlideChat.from_pretrained(model_dir).eval()
+    return load_model(model_dir).eval()
 
 
 def _store(path: Path, n: int, seed: int, kind: str = "zarr") -> Path:

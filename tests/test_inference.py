@@ -12,7 +12,8 @@ import torch
 from slidechat.cli import main as cli
 from slidechat.evaluate import load_slide_tensor
 from slidechat.inference import chat_loop, model_feature_config
-from slidechat.model import SlideChat, SlideChatConfig
+from slidechat.checkpoint import load_model, new_model, save_model
+from slidechat.model import SlideChatConfig
 from slidechat.tiny import build_tiny_llm
 
 CORPUS = ["What tissue is shown in this slide?", "The slide shows adenocarcinoma with glands.",
@@ -26,7 +27,7 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = SlideChatConfig(feature_dim=512, encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4,
                           segment_lengths=[16, 32], dilated_ratios=[1, 2])
-    out = SlideChat.from_llm(llm, cfg).save_pretrained(root / "model")
+    out = save_model(new_model(llm, cfg), root / "model")
     # the patch encoder the model was trained on, recorded beside it (read when --encoder is not given)
     (out / "features.json").write_text(json.dumps({"feature_encoder": "conch_tiny", "feature_target_mpp": 0.5,
                                                    "feature_patch_size": 224}))
@@ -68,7 +69,7 @@ def test_ask_end_to_end_on_cmu_small(cmu_small, model_dir, tmp_path, capsys):
 
 
 def test_chat_keeps_history(model_dir, tmp_path):
-    model = SlideChat.from_pretrained(model_dir).eval()
+    model = load_model(model_dir).eval()
     feats = torch.randn(30, 512, generator=torch.Generator().manual_seed(0))
     seen = []
     orig = model.generate

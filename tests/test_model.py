@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from slidechat.checkpoint import load_model, new_model, save_model
 from slidechat.model import (
     IMAGE_TOKEN_INDEX,
     SlideChat,
@@ -47,7 +48,7 @@ def tiny_llm(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(tiny_llm) -> SlideChat:
     torch.manual_seed(0)
-    return SlideChat.from_llm(tiny_llm, tiny_config())
+    return new_model(tiny_llm, tiny_config())
 
 
 def feats(n: int, seed: int = 0) -> torch.Tensor:
@@ -144,7 +145,7 @@ def test_encode_slide_shapes_and_hidden_size(model):
 @pytest.mark.parametrize("context", ["per_patch", "slide"])
 def test_context_controls_information_flow(tiny_llm, context):
     torch.manual_seed(1)
-    m = SlideChat.from_llm(tiny_llm, tiny_config(context=context))
+    m = new_model(tiny_llm, tiny_config(context=context))
     x = feats(37)
     y = x.clone()
     y[5] = feats(1, 99)[0]  # a different patch (a constant shift would vanish in the LayerNorms)
@@ -160,7 +161,7 @@ def test_context_controls_information_flow(tiny_llm, context):
 
 def test_patch_cap_keeps_linspace_rows(tiny_llm):
     torch.manual_seed(2)
-    m = SlideChat.from_llm(tiny_llm, tiny_config(max_patches_infer=10, max_patches_train=7, dropout=0.0, drop_path_rate=0.0))
+    m = new_model(tiny_llm, tiny_config(max_patches_infer=10, max_patches_train=7, dropout=0.0, drop_path_rate=0.0))
     x = feats(33)
     keep = select_patches(33, 10)
     np.testing.assert_array_equal(keep, np.linspace(0, 32, 10).astype(int))
@@ -175,7 +176,7 @@ def test_patch_cap_keeps_linspace_rows(tiny_llm):
 
 
 def test_bypass_slide_encoder_feeds_projector_directly(tiny_llm):
-    m = SlideChat.from_llm(tiny_llm, tiny_config(bypass_slide_encoder=True))
+    m = new_model(tiny_llm, tiny_config(bypass_slide_encoder=True))
     x = feats(12)
     torch.testing.assert_close(m.encode_slide(x), m.projector(x))
 
@@ -188,7 +189,7 @@ def test_visual_token_budget_merges_grid_neighbours(tiny_llm):
     # 2 x 2 cells of the 4 x 4 grid, row-major: mean of indices {0,1,4,5}, {2,3,6,7}, ...
     torch.testing.assert_close(merged[:, 0], torch.tensor([2.5, 4.5, 10.5, 12.5]))
     assert merge_visual_tokens(tokens, None, budget=5).shape[0] <= 5
-    m = SlideChat.from_llm(tiny_llm, tiny_config(visual_token_budget=4))
+    m = new_model(tiny_llm, tiny_config(visual_token_budget=4))
     assert m.encode_slide(feats(16), coords=coords).shape[0] == 4
 
 
@@ -238,7 +239,7 @@ def test_forward_splices_visual_tokens_per_sample(model):
 
 def test_backward_reaches_slide_encoder_and_projector(tiny_llm):
     torch.manual_seed(3)
-    m = SlideChat.from_llm(tiny_llm, tiny_config()).train()
+    m = new_model(tiny_llm, tiny_config()).train()
     m.llm.requires_grad_(False)
     m.gradient_checkpointing_enable()
     ids, mask, labels = _batch(m)
@@ -300,10 +301,10 @@ def test_save_reload_round_trip_is_identical(model, tmp_path):
     x = feats(25, 7)
     before_vis = model.encode_slide(x)
     before = model.generate(x, ["What is the diagnosis of this slide?", "Describe the tissue."], max_new_tokens=8)
-    out = model.save_pretrained(tmp_path / "ckpt")
+    out = save_model(model, tmp_path / "ckpt")
     meta = json.loads((out / "slidechat_config.json").read_text())
     assert meta["llm_format"] == "full" and meta["config"]["context"] == "slide"
-    again = SlideChat.from_pretrained(out)
+    again = load_model(out)
     assert again.config == model.config
     torch.testing.assert_close(again.encode_slide(x), before_vis, atol=0, rtol=0)
     assert again.generate(x, ["What is the diagnosis of this slide?", "Describe the tissue."], max_new_tokens=8) == before
@@ -312,34 +313,34 @@ def test_save_reload_round_trip_is_identical(model, tmp_path):
 
 
 def test_save_without_llm_references_base(model, tiny_llm, tmp_path):
-    out = model.save_pretrained(tmp_path / "stage1", save_llm=False)
+    out = save_model(model, tmp_path / "stage1", save_llm=False)
     assert not (out / "llm").exists()
-    again = SlideChat.from_pretrained(out)  # base path recorded in the config
+    again = load_model(out)  # base path recorded in the config
     x = feats(9, 8)
     torch.testing.assert_close(again.encode_slide(x), model.encode_slide(x), atol=0, rtol=0)
     meta = json.loads((out / "slidechat_config.json").read_text())
     meta["llm_source"] = str(tmp_path / "gone")
     (out / "slidechat_config.json").write_text(json.dumps(meta))
     with pytest.raises(FileNotFoundError, match="llm"):
-        SlideChat.from_pretrained(out)
-    assert SlideChat.from_pretrained(out, llm=tiny_llm).encode_slide(x).shape == (9, model.config.llm_hidden_size)
+        load_model(out)
+    assert load_model(out, llm=tiny_llm).encode_slide(x).shape == (9, model.config.llm_hidden_size)
 
 
 def test_peft_adapter_round_trip(tiny_llm, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(9)
-    m = SlideChat.from_llm(tiny_llm, tiny_config())
+    m = new_model(tiny_llm, tiny_config())
     m.llm = get_peft_model(m.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     m.eval()
     x = feats(15, 10)
     before = m.generate(x, "What is the diagnosis?", max_new_tokens=6)
-    out = m.save_pretrained(tmp_path / "lora")
+    out = save_model(m, tmp_path / "lora")
     assert (out / "llm_adapter").is_dir() and not (out / "llm").exists()
-    again = SlideChat.from_pretrained(out, llm=tiny_llm)
+    again = load_model(out, llm=tiny_llm)
     assert again.generate(x, "What is the diagnosis?", max_new_tokens=6) == before
 
 
 def test_missing_llm_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="`llm`"):
-        SlideChat.from_llm(tmp_path / "nope", tiny_config())
+        new_model(tmp_path / "nope", tiny_config())

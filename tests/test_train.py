@@ -104,18 +104,18 @@ def test_label_masking_token_by_token(env: dict[str, Path]) -> None:
 
 
 def test_stage1_freezes_llm_stage2_trains_all(env: dict[str, Path]) -> None:
-    from slidechat.model import SlideChat
+    from slidechat.checkpoint import load_model, new_model
 
-    before = SlideChat.from_llm(env["llm"], _model_cfg())
+    before = new_model(env["llm"], _model_cfg())
     llm_before = {k: v.clone() for k, v in before.llm.state_dict().items()}
     T.train(_cfg(env, "s1", max_steps=3))
-    s1 = SlideChat.from_pretrained(env["root"] / "s1" / "model", llm=env["llm"])
+    s1 = load_model(env["root"] / "s1" / "model", llm=env["llm"])
     for k, v in s1.llm.state_dict().items():
         assert torch.equal(v, llm_before[k]), f"stage 1 changed LLM parameter {k}"
     assert not torch.equal(s1.projector.model[0].weight, before.projector.model[0].weight)
 
     T.train(_cfg(env, "s2", stage=2, init=str(env["root"] / "s1" / "model"), lr=1e-3, max_steps=3))
-    s2 = SlideChat.from_pretrained(env["root"] / "s2" / "model", llm=env["llm"])
+    s2 = load_model(env["root"] / "s2" / "model", llm=env["llm"])
     a, b = _state(s1), _state(s2)
     groups = T.parameter_groups(s2)
     for group, params in groups.items():
@@ -147,7 +147,7 @@ def test_lora_trains_adapters_only(env: dict[str, Path]) -> None:
 
 def test_overfit_then_generate(env: dict[str, Path]) -> None:
     from preprocessing.stores import load_features
-    from slidechat.model import SlideChat
+    from slidechat.checkpoint import load_model
 
     records = json.loads(env["data"].read_text())[:3]
     small = env["root"] / "three.json"
@@ -162,16 +162,16 @@ def test_overfit_then_generate(env: dict[str, Path]) -> None:
     rows = (Path(cfg.out) / "train_log.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[1]) for r in rows]
     assert losses[0] > 3.0 and np.mean(losses[-5:]) < 0.05, (losses[0], losses[-5:])
-    model = SlideChat.from_pretrained(cfg.out, llm=env["llm"]).eval()
+    model = load_model(cfg.out, llm=env["llm"]).eval()
     feats = torch.from_numpy(load_features(env["features"] / "s1.zarr").features)
     question = records[1]["conversations"][0]["value"]
     assert model.generate(feats, question, max_new_tokens=20) == ANSWERS[1]
 
 
 def _trainable(model_dir: Path, llm: Path) -> dict[str, torch.Tensor]:
-    from slidechat.model import SlideChat
+    from slidechat.checkpoint import load_model
 
-    return _state(SlideChat.from_pretrained(model_dir, llm=llm))
+    return _state(load_model(model_dir, llm=llm))
 
 
 def test_kill_and_resume_equals_uninterrupted(env: dict[str, Path]) -> None:

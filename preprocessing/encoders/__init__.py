@@ -13,7 +13,6 @@ benchmarks and tests, and that is recorded (sha256 null, seed set).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -24,12 +23,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from wsicore.files import sha256_file, write_json
+
 from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
+from wsicore.errors import InputError
 
 CHECKPOINT_CONFIG_KEY = "features.checkpoint"
 
 
-class EncoderCheckpointError(ValueError):
+class EncoderCheckpointError(InputError, ValueError):
     """A checkpoint that is missing, unreadable, or does not match the encoder's architecture."""
 
 
@@ -102,15 +104,9 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
             cache = {}
         digest = cache.get(cache_key)
         if digest is None:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-            digest = h.hexdigest()
+            digest = sha256_file(p)
             cache[cache_key] = digest
             try:
-                from preprocessing.atomic import write_json
-
                 write_json(cache_file, cache)
             except OSError:
                 pass  # a read-only home only costs a re-hash next time
