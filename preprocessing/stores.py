@@ -391,7 +391,7 @@ def _load_zarr(p: Path) -> FeatureSet:
     feats, coords, valid, attrs = _read_zarr(p)
     slide_id = str(attrs.get("slide_id") or slide_id_of_store(p))
     if valid.all():
-        x, xy, rows = feats.astype(np.float32), coords, None
+        x, xy, rows = feats.astype(np.float32, copy=False), coords, None
     else:
         rows = np.flatnonzero(valid)
         x, xy = feats[rows].astype(np.float32), coords[rows]
@@ -439,9 +439,9 @@ def _load_h5(p: Path) -> FeatureSet:
             raise StoreError(f"{p}: coords have shape {coords.shape}; expected (patches, 2)")
     if len(coords) != len(feats):
         raise StoreError(f"{p}: {len(feats)} feature rows but {len(coords)} coords")
-    x = feats.astype(np.float32)
+    x = feats.astype(np.float32, copy=False)
     _check_finite(p, slide_id, x)
-    return FeatureSet(x, coords.astype(np.int64), attrs, slide_id)
+    return FeatureSet(x, coords.astype(np.int64, copy=False), attrs, slide_id)
 
 
 def _load_csv(p: Path) -> FeatureSet:

@@ -366,7 +366,7 @@ def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
 
 def _read_benchmark(path: Path, caption_prompt: str) -> Benchmark:
     if not path.exists():
-        raise FileNotFoundError(f"benchmark not found: {path} (option --benchmark)")
+        raise InputError(f"benchmark not found: {path} (option --benchmark)")
     if path.is_dir():
         return read_wsi_bench(path)
     if path.suffix.lower() == ".csv":

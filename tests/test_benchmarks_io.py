@@ -20,6 +20,7 @@ from slidechat.benchmarks_io import (
     read_outputs_csv,
     write_outputs_csv,
 )
+from wsicore.errors import InputError
 
 TCGA_ROWS = [
     {"ID": 17, "Slide": "TCGA-05-4244-01Z-00-DX1", "Tumor": "LUAD", "Broad Category": "Diagnosis",
@@ -86,7 +87,7 @@ def test_missing_columns_are_named(tmp_path):
     p2.write_text(json.dumps({"samples": [{"slide_id": "s", "question": "q", "choices": ["A) x"]}]}))
     with pytest.raises(BenchmarkFormatError, match="answer"):
         load_benchmark(p2)
-    with pytest.raises(FileNotFoundError, match="--benchmark"):
+    with pytest.raises(InputError, match="--benchmark"):
         load_benchmark(tmp_path / "nope.csv")
 
 
