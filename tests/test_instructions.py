@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -268,3 +270,9 @@ def test_damaged_store_stops_the_build(vlm_data: Path, tmp_path: Path, capsys: p
     assert rc == 2 and "1 feature store(s) failed their check" in err
     assert f"{EXAMPLE_IDS[1]}.zarr: damaged feature store" in err and "features rows 2..2 differ" in err
     assert not (tmp_path / "o.json").exists()
+    shutil.rmtree(feats / f"{EXAMPLE_IDS[1]}.zarr")
+    with h5py.File(feats / f"{EXAMPLE_IDS[1]}.h5", "w") as f:  # another tool's store with a NaN row
+        f["features"] = np.where(np.arange(4)[:, None] == 3, np.nan, np.ones((4, 8)))
+        f["coords"] = np.zeros((4, 2), np.int64)
+    with pytest.raises(instructions.StoreError, match=r"\.h5: 1 patch row\(s\) of slide .* hold NaN/inf features \(rows 3\)"):
+        build_instructions(example, feats, tmp_path / "o.json")
