@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from preprocessing.stores import write_zarr_store
+from preprocessing.stores import FeatureStoreIndex, write_zarr_store
 from slidechat.benchmarks_io import TCGA_COLUMNS, load_benchmark
-from slidechat.evaluate import EvalSettings, StoreFinder, generate_for_benchmark
+from slidechat.evaluate import EvalSettings, generate_for_benchmark
 from slidechat.checkpoint import new_model
 from slidechat.model import SlideChatConfig
 from slidechat.tiny import build_tiny_llm
@@ -61,7 +61,7 @@ def main() -> None:
                              "A": "adenocarcinoma", "B": "lymphoid", "C": "stroma", "D": "necrosis", "Answer": "A"})
         pd.DataFrame(rows, columns=TCGA_COLUMNS).to_csv(root / "bench.csv", index=False)
         bench = load_benchmark(root / "bench.csv")
-        finder = StoreFinder(feats_dir)
+        finder = FeatureStoreIndex(feats_dir)
         n = len(bench.items)
 
         def run(reuse: bool):

@@ -14,6 +14,7 @@ COMMANDS = {
     "summary": Command("preprocessing.summary:main", "per-slide table: tissue area, patches, extraction speed"),
     "export-csv": Command("preprocessing.stores:export_csv_main", "feature store -> SlideChat CSV"),
     "import-csv": Command("preprocessing.stores:import_csv_main", "SlideChat CSV -> Zarr feature store"),
+    "seal-store": Command("preprocessing.stores:seal_store_main", "check a store made before checksums, record them"),
 }
 
 

@@ -559,6 +559,8 @@ def extract_slides(
     `encoder` may be passed pre-built (it must match `options.encoder`). `_after_chunk` is a test hook
     called after each chunk is on disk. `stats`, if given, is filled with wall/model-busy seconds and counts.
     """
+    from preprocessing.tiling import check_coords_slide
+
     opts = options or ExtractOptions(**kwargs)
     if options is not None and kwargs:
         raise TypeError("pass either options or keyword settings, not both")
@@ -577,6 +579,8 @@ def extract_slides(
     states: list[SlideState] = []
     for idx, job in enumerate(slide_jobs):
         plan = read_coords(job.coords)
+        with WholeSlide(job.slide) as ws:  # coords of another slide would name a store after it
+            check_coords_slide(plan.coords_attrs, ws, job.coords)
         final = store_path(out_dir, plan.slide_id, opts.fmt)
         outputs.append(final)
         identity = {**identity_base, "coords_sha256": _sha256_coords(plan)}
@@ -737,8 +741,8 @@ def _finalize(store: PartialZarrStore, final: Path, plan: PatchPlan, opts: Extra
         log.warning("slide %s: %d of %d patches unreadable and marked invalid", plan.slide_id, len(errors), len(valid))
     if opts.fmt == "zarr":
         return store.finalize(final, extra)
-    # H5: the partial Zarr store is converted, then removed
-    feats = np.asarray(store.group["features"][:], np.float32)
+    # H5: the partial Zarr store is converted (checked against its chunk checksums), then removed
+    feats = store.read_checked()[0]
     attrs = {**{k: v for k, v in store.attrs.items() if k not in {"complete", "chunk_rows"}}, **extra}
     write_h5_store(final, feats, plan.coords, valid, attrs, plan.coords_attrs, opts.store_dtype)
     shutil.rmtree(store.path)

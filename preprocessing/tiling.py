@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ from preprocessing.tissue import (
     segmentation_paths,
     write_segmentation,
 )
+
+log = logging.getLogger("preprocessing.tiling")
 
 # Patches are resampled from the scan; inventing more than this much resolution is refused.
 MAX_UPSAMPLE = 2.0
@@ -152,6 +155,10 @@ def coords_attrs(ws: WholeSlide, params: TilingParams, geom: PatchGeometry, stat
         "min_tissue_fraction": float(params.min_tissue_fraction),
         "slide_id": ws.slide_id,
         "name": ws.slide_id,
+        # which slide file the coords belong to (checked by extraction; the id alone can be renamed)
+        "slide_quickhash": ws.properties.get("openslide.quickhash-1", ""),
+        "level0_width": int(ws.dimensions[0]),
+        "level0_height": int(ws.dimensions[1]),
         "status": status,
         "software": f"preprocessing {__version__}",
     }
@@ -177,6 +184,29 @@ def load_coords(h5_path: str | Path) -> tuple[np.ndarray, dict]:
         if isinstance(attrs.get(key), bytes):
             attrs[key] = attrs[key].decode()
     return coords, attrs
+
+
+def check_coords_slide(coords_attrs: dict, ws: WholeSlide, coords_path: str | Path) -> None:
+    """Refuse coords made from another slide file than `ws`: tiling records the slide's OpenSlide
+    quickhash and level-0 size. Coords files without the quickhash (older ones, CLAM's, TRIDENT's) are
+    checked by the dimensions they record and accepted with a warning."""
+    made = coords_attrs.get("slide_quickhash") or ""
+    here = ws.properties.get("openslide.quickhash-1", "")
+    level = int(coords_attrs.get("read_level", coords_attrs.get("patch_level", 0)) or 0)
+    checks = [("level-0 size", (coords_attrs.get("level0_width"), coords_attrs.get("level0_height")), ws.dimensions)]
+    level_dim = np.ravel(coords_attrs.get("level_dim", []))  # CLAM's attribute: size of the patch level
+    if len(level_dim) == 2 and level < ws.level_count:
+        checks.append((f"level-{level} size", tuple(level_dim), ws.level_dimensions[level]))
+    differ = [f"{what} {'x'.join(map(str, want))} vs {'x'.join(map(str, got))}" for what, want, got in checks
+              if None not in want and tuple(int(v) for v in want) != tuple(got)]
+    if made and here and made != here:
+        differ.insert(0, f"OpenSlide quickhash {made[:12]}... vs {here[:12]}...")
+    if differ:
+        raise SlideError(f"{coords_path} was made from slide {coords_attrs.get('slide_id') or '?'}, not from {ws.path} "
+                         f"({'; '.join(differ)}); pass the slide the coords were made from, or tile {ws.path} first")
+    if not made:
+        log.warning("%s records no slide identity (written by an older version, CLAM or TRIDENT); only its "
+                    "dimensions were checked against %s", coords_path, ws.path)
 
 
 def draw_patches(thumbnail_overlay: np.ndarray, coords: np.ndarray, level0_size: tuple[int, int],

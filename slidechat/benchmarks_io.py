@@ -23,13 +23,15 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from wsicore.files import atomic_path
-from slidechat.instructions import normalize_slide_id
+from preprocessing.stores import normalize_slide_id
+from slidechat.template import IMAGE_TOKEN
 from wsicore.errors import InputError
+from wsicore.files import atomic_path
 
 LETTERS = ("A", "B", "C", "D")
 TCGA_COLUMNS = ["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", *LETTERS, "Answer"]
@@ -50,7 +52,7 @@ class BenchItem:
     qid: str
     slide_id: str
     question: str
-    prompt: str  # text after "<image>\n" that the model sees (without the optional letter instruction)
+    prompt: str  # text after IMAGE_TOKEN + "\n" that the model sees (without the optional letter instruction)
     options: dict[str, str] = field(default_factory=dict)  # label -> option text; empty for open-ended
     answer: str | None = None  # correct label (closed questions)
     reference: str | None = None  # reference text (open-ended / captions)
@@ -260,10 +262,11 @@ def read_wsi_bench(path: str | os.PathLike) -> Benchmark:
             missing = [k for k in ("id", "image", "conversations") if k not in rec]
             if missing:
                 raise BenchmarkFormatError(f"{f}: record {i} is missing key(s) {', '.join(missing)}")
-            conv = rec["conversations"]
-            human = next(t["value"] for t in conv if t["from"] == "human")
-            target = next(t["value"] for t in conv if t["from"] == "gpt")
-            text = human.replace("<image>", "").strip()
+            turns = {t.get("from"): t.get("value") for t in reversed(rec["conversations"]) if isinstance(t, dict)}
+            human, target = turns.get("human"), turns.get("gpt")
+            if not isinstance(human, str) or not isinstance(target, str):
+                raise BenchmarkFormatError(f"{f}: record {i} needs a human and a gpt turn")
+            text = human.replace(IMAGE_TOKEN, "").strip()
             image = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
             project = Path(image).parent.name or None
             qid = f"{task}:{rec['id']}" if len(files) > 1 else str(rec["id"])
@@ -321,10 +324,49 @@ def read_caption_csv(path: str | os.PathLike, prompt: str = DEFAULT_CAPTION_PROM
 
 
 def load_benchmark(path: str | os.PathLike, caption_prompt: str = DEFAULT_CAPTION_PROMPT) -> Benchmark:
-    """Read any supported benchmark file (or WSI-Bench folder), detecting the format from its content."""
+    """Read any supported benchmark file (or WSI-Bench folder), detecting the format from its content.
+
+    Question ids must be unique: answers are matched to questions by id."""
+    bench = _read_benchmark(Path(path), caption_prompt)
+    counts = Counter(it.qid for it in bench.items)
+    dup = sorted(q for q, c in counts.items() if c > 1)
+    if dup:
+        raise BenchmarkFormatError(f"{path}: question id(s) {', '.join(dup[:10])}{' ...' if len(dup) > 10 else ''} "
+                                   "appear more than once; answers are matched by id, so each must be unique")
+    return bench
+
+
+def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
+    """The slide ids an evaluation file names, for the leakage guard: as `load_benchmark` reads them, and for
+    files it does not read as a benchmark, from their slide column (MultiPathQA's `image_path`, `slide_id`,
+    `slide`, `image`) or, in JSON lists of records, from `slide_id` / `image` (training JSON)."""
     path = Path(path)
+    try:
+        return set(load_benchmark(path).slide_ids())
+    except BenchmarkFormatError:
+        pass
+    ids: set[str] = set()
+    if path.suffix.lower() == ".csv":
+        fields, rows = _read_csv_rows(path)
+        col = _pick(fields, ["Slide", "slide_id", "image_path", "image", "slide_path"])
+        if col is None:
+            raise BenchmarkFormatError(f"{path}: no slide column (expected Slide, slide_id or image_path); "
+                                       f"found: {', '.join(f for f in fields if f)}")
+        return {normalize_slide_id(r[col]) for r in rows if r.get(col)}
+    data = json.loads(path.read_text())
+    items = data.get("samples", data.get("data", [])) if isinstance(data, dict) else data
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        image = item.get("image")
+        names = [item.get(k) for k in ("slide_id", "Slide", "slide")] + ([image] if isinstance(image, str) else image or [])
+        ids |= {normalize_slide_id(n) for n in names if isinstance(n, str) and n}
+    return ids
+
+
+def _read_benchmark(path: Path, caption_prompt: str) -> Benchmark:
     if not path.exists():
-        raise FileNotFoundError(f"benchmark not found: {path} (option --benchmark)")
+        raise InputError(f"benchmark not found: {path} (option --benchmark)")
     if path.is_dir():
         return read_wsi_bench(path)
     if path.suffix.lower() == ".csv":
@@ -401,6 +443,12 @@ def match_output_rows(bench: Benchmark, rows: list[dict[str, str]], path: str = 
     else by row order (the JSON form)."""
     result: dict[str, dict[str, str] | None] = {it.qid: None for it in bench.items}
     if rows and "ID" in rows[0]:
+        counts = Counter(_id_string(r.get("ID"), "") for r in rows)
+        dup = sorted(q for q, c in counts.items() if c > 1)
+        if dup:
+            raise BenchmarkFormatError(f"{path}: question ID(s) {', '.join(dup[:10])}{' ...' if len(dup) > 10 else ''} "
+                                       f"appear in more than one row; an outputs file holds one answer per question "
+                                       "(were runs concatenated?)")
         for r in rows:
             qid = _id_string(r.get("ID"), "")
             if qid in result:
@@ -420,6 +468,11 @@ def match_outputs(bench: Benchmark, rows: list[dict[str, str]], path: str = "out
     return {q: (_clean(r.get("Output")) if r else None) for q, r in match_output_rows(bench, rows, path).items()}
 
 
-def skipped_in_outputs(bench: Benchmark, rows: list[dict[str, str]], path: str = "outputs") -> list[str]:
-    """Question ids our evaluator marked ``Status=no_features`` (the original tool has no such column)."""
-    return [q for q, r in match_output_rows(bench, rows, path).items() if r and (r.get("Status") or "") == "no_features"]
+SKIP_STATUSES = ("no_features", "no_patches")  # `Status` of questions the evaluator did not ask
+
+
+def skipped_in_outputs(bench: Benchmark, rows: list[dict[str, str]], path: str = "outputs") -> dict[str, str]:
+    """Question id -> status, for questions our evaluator did not ask (`Status` no_features / no_patches;
+    the original tool has no such column)."""
+    return {q: r["Status"] for q, r in match_output_rows(bench, rows, path).items()
+            if r and (r.get("Status") or "") in SKIP_STATUSES}

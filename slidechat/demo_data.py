@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from slidechat.template import IMAGE_TOKEN
 from wsicore.files import atomic_path, write_json, write_text
 
 LETTERS = "ABCD"
@@ -120,7 +121,7 @@ def multiple_choice(class_name: str, kind: str, letter: str, rng: random.Random)
 
 def format_mc_prompt(question: str, options: list[str]) -> str:
     """The SlideBench prompt the original evaluation builds: `<image>`, question, then `A. ...` lines."""
-    return "<image>\n" + question + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return IMAGE_TOKEN + "\n" + question + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
 
 
 def _balanced_letters(n: int, rng: random.Random) -> list[str]:
@@ -159,7 +160,7 @@ def make_demo_instructions(
         for k in range(captions_per_slide):
             prompt = CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)]
             captions.append({"id": f"{sid}::caption{k}", "image": [f"{sid}.zarr"], "conversations": [
-                {"from": "human", "value": "<image>\n" + prompt},
+                {"from": "human", "value": IMAGE_TOKEN + "\n" + prompt},
                 {"from": "gpt", "value": _caption(cls, rng)}]})
         for k in range(mc_per_slide):
             kind = "diagnosis" if k % 2 == 0 else "morphology"
@@ -172,7 +173,7 @@ def make_demo_instructions(
         for k in range(open_per_slide):
             t = CLASS_TEXT[cls]
             vqa.append({"id": f"{sid}::open{k}", "image": [f"{sid}.zarr"], "conversations": [
-                {"from": "human", "value": "<image>\n" + OPEN_QUESTIONS[k % len(OPEN_QUESTIONS)]},
+                {"from": "human", "value": IMAGE_TOKEN + "\n" + OPEN_QUESTIONS[k % len(OPEN_QUESTIONS)]},
                 {"from": "gpt", "value": f"{t.diagnosis}. {rng.choice(t.findings)}"}]})
     rng.shuffle(vqa)
 
@@ -202,8 +203,8 @@ def make_demo_instructions(
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(bench)
-    texts = [t["value"].replace("<image>\n", "") for rec in captions + vqa for t in rec["conversations"]]
-    texts += [format_mc_prompt(b["Question"], [b[x] for x in LETTERS]).replace("<image>\n", "") for b in bench]
+    texts = [t["value"].replace(IMAGE_TOKEN + "\n", "") for rec in captions + vqa for t in rec["conversations"]]
+    texts += [format_mc_prompt(b["Question"], [b[x] for x in LETTERS]).replace(IMAGE_TOKEN + "\n", "") for b in bench]
     write_text(paths["corpus"], "\n".join(texts) + "\n")
     return paths
 

@@ -12,7 +12,6 @@ which are generated in batches (greedy, KV cache). The prompt is the original to
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from wsicore.files import write_json
+from preprocessing.stores import FeatureStoreIndex, read_slide_map
 from slidechat.benchmarks_io import (
     DEFAULT_CAPTION_PROMPT,
     LETTER_INSTRUCTION,
@@ -32,9 +31,9 @@ from slidechat.benchmarks_io import (
     write_outputs_csv,
 )
 from slidechat.scoring import extract_answer, load_judge, score_outputs, summary_lines, warn_leakage
+from slidechat.template import IMAGE_TOKEN
+from wsicore.files import write_json
 
-IMAGE_PLACEHOLDER = "<image>"
-STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order, as in the contract
 OUTPUT_EXTRA_COLUMNS = ["Status", "MaxNewTokens", "LetterInstruction"]
 
 
@@ -56,62 +55,10 @@ def build_question(item: BenchItem, settings: EvalSettings) -> str:
     text = item.prompt
     if settings.answer_with_letter and item.is_choice and all(len(k) == 1 for k in item.options):
         text = f"{text}\n{LETTER_INSTRUCTION}"
-    return f"{IMAGE_PLACEHOLDER}\n{text}"
+    return f"{IMAGE_TOKEN}\n{text}"
 
 
 # ------------------------------------------------------------------------------------------ feature stores
-
-
-def read_slide_map(path: str | os.PathLike) -> dict[str, Path]:
-    """``--slide-map`` CSV: benchmark slide id (column ``slide``/``Slide``/``slide_id``/``image``) -> store path
-    (column ``features``/``path``/``store``); relative paths are relative to the CSV."""
-    from slidechat.instructions import normalize_slide_id
-
-    path = Path(path)
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = {f.lower(): f for f in (reader.fieldnames or [])}
-        key = next((fields[c] for c in ("slide", "slide_id", "image") if c in fields), None)
-        val = next((fields[c] for c in ("features", "path", "store") if c in fields), None)
-        if key is None or val is None:
-            raise ValueError(f"{path}: slide map needs a slide column (Slide/slide_id/image) and a store column "
-                             f"(features/path); found {', '.join(reader.fieldnames or [])}")
-        out = {}
-        for row in reader:
-            if row[key] and row[val]:
-                store = Path(row[val])
-                store = store if store.is_absolute() else (path.parent / store)
-                out[row[key].strip()] = store
-                out.setdefault(normalize_slide_id(row[key]), store)
-    return out
-
-
-class StoreFinder:
-    """Slide id -> feature store: the slide map, then ``<dir>/<id>.zarr|.h5|.csv`` (first that exists), then
-    the same one folder deep (released ``TCGA_patch_feat/<TUMOR>/<id>.csv`` layout)."""
-
-    def __init__(self, features_dir: str | os.PathLike | None, slide_map: dict[str, Path] | None = None):
-        self.root = Path(features_dir) if features_dir else None
-        if self.root is not None and not self.root.is_dir():
-            raise FileNotFoundError(f"features directory not found: {self.root} (option --features-dir)")
-        self.slide_map = slide_map or {}
-        self._index: dict[str, Path] | None = None
-
-    def find(self, slide_id: str) -> Path | None:
-        if slide_id in self.slide_map:
-            p = self.slide_map[slide_id]
-            return p if p.exists() else None
-        if self.root is None:
-            return None
-        for suf in STORE_SUFFIXES:
-            p = self.root / f"{slide_id}{suf}"
-            if p.exists():
-                return p
-        if self._index is None:
-            from slidechat.instructions import index_feature_stores
-
-            self._index = index_feature_stores(self.root)
-        return self._index.get(slide_id)
 
 
 def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None):
@@ -161,7 +108,7 @@ def model_device_dtype(model) -> tuple[Any, Any]:
 @dataclass
 class GenerationResult:
     outputs: dict[str, dict[str, Any]]  # qid -> row values (Output, Prediction, Status, ...)
-    skipped_no_features: list[str]
+    skipped: dict[str, str]  # qid -> why it was not asked: no_features (no store) | no_patches (empty store)
     timing: dict[str, float]
 
 
@@ -173,11 +120,12 @@ def _generate(model, features, questions: list[str], visual_embeds, settings: Ev
     return [out] if isinstance(out, str) else list(out)
 
 
-def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, settings: EvalSettings,
+def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, settings: EvalSettings,
                            log: Callable[[str], None] | None = print,
                            done: dict[str, dict[str, Any]] | None = None,
                            on_slide_done: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> GenerationResult:
-    """Answer every item of `bench`; slides without a feature store are skipped and listed.
+    """Answer every item of `bench`; slides without a feature store, or whose store holds no patches (no
+    tissue), are skipped and listed.
 
     With ``reuse_slide_encoding`` each slide's features are encoded once (``model.encode_slide``) and the
     projected tokens are passed as ``visual_embeds`` to batched ``generate`` calls; otherwise every question
@@ -192,7 +140,7 @@ def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, setting
     for it in bench.items:
         by_slide.setdefault(it.slide_id, []).append(it)
     outputs: dict[str, dict[str, Any]] = {}
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     t_load = t_enc = t_gen = 0.0
     common = {"MaxNewTokens": settings.max_new_tokens, "LetterInstruction": settings.answer_with_letter}
     done = done or {}
@@ -205,18 +153,20 @@ def generate_for_benchmark(model, bench: Benchmark, finder: StoreFinder, setting
         if not items:
             continue
         store = finder.find(slide_id)
-        if store is None:
+        t0 = time.perf_counter()
+        feats = load_slide_tensor(store, device, dtype) if store is not None else None
+        t1 = time.perf_counter()
+        if feats is None or feats.shape[0] == 0:
+            status = "no_features" if feats is None else "no_patches"
             for it in items:
-                skipped.append(it.qid)
-                outputs[it.qid] = {"Output": "", "Prediction": "", "Status": "no_features", **common}
+                skipped[it.qid] = status
+                outputs[it.qid] = {"Output": "", "Prediction": "", "Status": status, **common}
             if on_slide_done:
                 on_slide_done({it.qid: outputs[it.qid] for it in items})
             if log:
-                log(f"[{k + 1}/{len(by_slide)}] {slide_id}: no feature store, {len(items)} question(s) skipped")
+                why = "no feature store" if feats is None else f"{store} holds no patches"
+                log(f"[{k + 1}/{len(by_slide)}] {slide_id}: {why}, {len(items)} question(s) skipped")
             continue
-        t0 = time.perf_counter()
-        feats = load_slide_tensor(store, device, dtype)
-        t1 = time.perf_counter()
         t_load += t1 - t0
         visual = None
         with torch.inference_mode():
@@ -265,7 +215,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
     bench = load_benchmark(benchmark, caption_prompt=settings.caption_prompt)
     if limit:
         bench.items = bench.items[:limit]
-    finder = StoreFinder(features_dir, read_slide_map(slide_map) if slide_map else None)
+    finder = FeatureStoreIndex(features_dir, read_slide_map(slide_map) if slide_map else None)
     if model is None:
         model = load_model_on(model_dir, llm, device, dtype)
     out = Path(out_dir)
@@ -292,11 +242,13 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
         "letter_instruction_text": LETTER_INSTRUCTION if settings.answer_with_letter else None,
         "greedy": settings.greedy, "batch_size": settings.batch_size,
         "reuse_slide_encoding": settings.reuse_slide_encoding,
-        "prompt_format": "<image>\\n{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}",
+        "prompt_format": IMAGE_TOKEN + "\\n{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}",
         "wall_s": round(wall, 3), **{k: round(v, 4) for k, v in gen.timing.items()}, **settings.extra,
     }
-    metrics = score_outputs(bench, raw, gen.skipped_no_features, train_manifests, settings=record, judge=judge)
-    metrics["skipped_slides"] = sorted({it.slide_id for it in bench.items if it.qid in set(gen.skipped_no_features)})
+    metrics = score_outputs(bench, raw, gen.skipped, train_manifests, settings=record, judge=judge)
+    for status in ("no_features", "no_patches"):
+        key = "skipped_slides" if status == "no_features" else "skipped_slides_no_patches"
+        metrics[key] = sorted({it.slide_id for it in bench.items if gen.skipped.get(it.qid) == status})
     write_json(out / "metrics.json", metrics)
     from slidechat.report import write_report
 
@@ -340,7 +292,7 @@ def _read_partial(path: Path, key: dict[str, Any], log: Callable[[str], None] | 
             row = json.loads(line)
         except ValueError:  # a line cut by the crash
             continue
-        if row.get("Status") == "ok":  # slides skipped for lack of features are looked up again
+        if row.get("Status") == "ok":  # skipped slides are looked up again
             done[row.pop("qid")] = row
     if log and done:
         log(f"resuming: {len(done)} answer(s) from an interrupted run reused")
@@ -362,7 +314,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", required=True, help="model directory (ours, released SlideChat weights, xtuner layout)")
     p.add_argument("--llm", default=None, help="local LLM directory when the model directory does not contain it")
     p.add_argument("--out-dir", required=True, help="results/eval/<bench>/")
-    p.add_argument("--slide-map", default=None, help="CSV: benchmark slide id -> feature store path")
+    p.add_argument("--slide-map", default=None,
+                   help="CSV: benchmark slide id (Slide/slide_id/image) -> store (features) and/or slide_id")
     p.add_argument("--train-manifest", nargs="*", default=[], help="training manifest(s) for the leakage check")
     p.add_argument("--answer-with-letter", action="store_true",
                    help=f"append '{LETTER_INSTRUCTION}' to closed questions (off by default, as the original)")

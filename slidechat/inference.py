@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from slidechat.template import IMAGE_TOKEN
 from wsicore.files import write_json
 
 DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
 CHECKPOINT_ENV = "SLIDECHAT_CHECKPOINT"
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass
@@ -196,7 +196,7 @@ def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
 
 
 def _first_turn(question: str) -> str:
-    return question if IMAGE_PLACEHOLDER in question else f"{IMAGE_PLACEHOLDER}\n{question}"
+    return question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
 
 
 def ask_main(argv: list[str]) -> int:

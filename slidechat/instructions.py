@@ -7,121 +7,58 @@ Input records look like SlideChat's released SlideInstruction files::
 
 Each record's image name is mapped to a slide id (the file stem, TCGA barcodes cut at the first dot, or an
 explicit `--slide-map` CSV), and the slide id to a feature store in `--features-dir` (`<id>.zarr`, `<id>.h5`
-or a released SlideChat `<id>.csv`, also one folder deep as in `TCGA_patch_feat/<TUMOR>/<id>.csv`).
-Nothing crashes on one bad record: malformed records and records without features are dropped, counted
-and listed by id in `<out>.manifest.json`. A leakage guard removes every slide (or, with
+or a released SlideChat `<id>.csv`, also one folder deep as in `TCGA_patch_feat/<TUMOR>/<id>.csv`), by the
+one `FeatureStoreIndex` training and evaluation use too: slide ids are compared ignoring case.
+Every store used is checked (our stores against their checksums); a damaged one stops the build, naming it.
+Nothing crashes on one bad record: malformed records, records without features and records whose store
+holds no patches (a slide without tissue) are dropped, counted and listed by id in `<out>.manifest.json`.
+A build that keeps nothing, or loses more than `--max-missing-fraction` of its records for lack of
+features, fails and names the slides. A leakage guard removes every slide (or, with
 `leakage_level="case"`, every TCGA patient) that appears in an evaluation set.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from preprocessing.stores import FeatureStoreIndex, StoreError, count_patches, read_slide_map, slide_key
+from slidechat.benchmarks_io import benchmark_slide_ids
+from slidechat.template import IMAGE_TOKEN
+from wsicore.cli import command_parser
+from wsicore.errors import InputError
 from wsicore.files import sha256_file, write_json
 
-IMAGE_TOKEN = "<image>"
-STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order when one slide has several stores
-_STRIP_SUFFIXES = (".csv", ".pt", ".pth", ".h5", ".zarr", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".json")
-# TCGA slide barcode, e.g. TCGA-A7-A0CJ-01Z-00-DX2 (WSI-Bench appends ".<uuid>" to it).
-_TCGA_SLIDE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}-[0-9]{2}[A-Z]?-[0-9]{2}-[A-Z]{2}[0-9A-Z]*)", re.I)
 
+@dataclass
+class BuildSettings:
+    """Settings of `slidechat build-instructions` (config section `instructions`)."""
 
-def normalize_slide_id(name: str) -> str:
-    """Slide id from an image name or path: basename without a known extension; TCGA barcodes cut at the first dot."""
-    base = os.path.basename(str(name).strip().rstrip("/"))
-    lowered = base.lower()
-    for suffix in _STRIP_SUFFIXES:
-        if lowered.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    m = _TCGA_SLIDE.match(base)
-    if m and (len(base) == m.end() or base[m.end()] == "."):
-        return m.group(1).upper()
-    return base
+    leakage_level: str = field(default="slide", metadata={
+        "help": "'slide' removes evaluation slides; 'case' also removes other slides of the same TCGA patient"})
+    max_missing_fraction: float = field(default=0.05, metadata={
+        "help": "fail when more than this share of the records (well-formed, not removed by the leakage guard) "
+                "has no usable feature store; 1 builds anyway"})
+
+    def __post_init__(self) -> None:
+        if self.leakage_level not in ("slide", "case"):
+            raise InputError(f"leakage level must be 'slide' or 'case', got {self.leakage_level!r} (--leakage-level)")
+        if not 0.0 <= self.max_missing_fraction <= 1.0:
+            raise InputError(f"--max-missing-fraction must be between 0 and 1, got {self.max_missing_fraction}")
 
 
 def leak_key(slide_id: str, level: str = "slide") -> str:
-    """Key compared by the leakage guard: the slide id, or for `level="case"` the TCGA patient (first 12 chars)."""
-    if level == "case" and _TCGA_SLIDE.match(slide_id):
-        return slide_id[:12].upper()
-    return slide_id
-
-
-def load_benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
-    """Slide ids named by an evaluation file.
-
-    Understands SlideBench CSV (`Slide` column), MultiPathQA CSV (`image_path`), other CSVs with a
-    `slide_id`/`slide` column, SlideBench JSON (`{"samples": [{"slide_id": ...}]}`) and LLaVA/SlideInstruction
-    style JSON lists (`image` as a string or list).
-    """
-    path = Path(path)
-    ids: set[str] = set()
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = {c.lower().strip(): c for c in (reader.fieldnames or [])}
-            col = next((cols[c] for c in ("slide", "slide_id", "image_path", "image", "slide_path") if c in cols), None)
-            if col is None:
-                raise ValueError(f"{path}: no slide column (expected one of Slide, slide_id, image_path)")
-            for row in reader:
-                if row.get(col):
-                    ids.add(normalize_slide_id(row[col]))
-        return ids
-    data = json.loads(path.read_text())
-    items: Iterable[Any] = data.get("samples", data.get("data", [])) if isinstance(data, dict) else data
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        for key in ("slide_id", "Slide", "slide"):
-            if isinstance(item.get(key), str):
-                ids.add(normalize_slide_id(item[key]))
-        image = item.get("image")
-        for name in [image] if isinstance(image, str) else (image or []):
-            if isinstance(name, str):
-                ids.add(normalize_slide_id(name))
-    return ids
-
-
-def index_feature_stores(features_dir: str | os.PathLike) -> dict[str, Path]:
-    """Map slide id -> feature store found in `features_dir` (top level and one folder deep)."""
-    root = Path(features_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"features directory not found: {root} (option --features-dir)")
-    found: dict[str, Path] = {}
-    candidates = list(root.iterdir())
-    for sub in list(candidates):
-        if sub.is_dir() and sub.suffix != ".zarr" and not sub.name.startswith("."):
-            candidates.extend(sub.iterdir())
-    rank = {s: i for i, s in enumerate(STORE_SUFFIXES)}
-    for p in sorted(candidates):
-        if p.name.startswith(".") or p.suffix not in rank:  # hidden = in-progress atomic temp files
-            continue
-        sid = normalize_slide_id(p.name)
-        if sid not in found or rank[p.suffix] < rank[found[sid].suffix]:
-            found[sid] = p
-    return found
-
-
-def load_slide_map(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """`--slide-map` CSV: column `image` (name as in the JSON, or its stem) and `slide_id` and/or `features`."""
-    out: dict[str, dict[str, str]] = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if "image" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: slide map needs a column `image` plus `slide_id` and/or `features`")
-        for row in reader:
-            entry = {k: v for k, v in row.items() if k in ("slide_id", "features") and v}
-            out[row["image"]] = entry
-            out.setdefault(normalize_slide_id(row["image"]), entry)
-    return out
+    """Key compared by the leakage guard: the slide key, or for `level="case"` the TCGA patient (first 12 chars)."""
+    key = slide_key(slide_id)
+    if level == "case" and re.match(r"tcga-[a-z0-9]{2}-[a-z0-9]{4}", key):
+        return key[:12]
+    return key
 
 
 def validate_record(rec: Any) -> str | None:
@@ -162,8 +99,10 @@ class AssemblyReport:
     kept: list[dict] = field(default_factory=list)
     malformed: list[dict] = field(default_factory=list)
     missing_features: list[dict] = field(default_factory=list)
+    no_patches: list[dict] = field(default_factory=list)  # the slide's store is empty (no tissue found)
     leakage: list[dict] = field(default_factory=list)
     duplicate_ids: list[str] = field(default_factory=list)
+    damaged_stores: list[dict] = field(default_factory=list)  # {store, slide_id, error}: stop the build
 
     def counts(self) -> dict[str, int]:
         return {
@@ -171,25 +110,54 @@ class AssemblyReport:
             "kept": len(self.kept),
             "malformed": len(self.malformed),
             "missing_features": len(self.missing_features),
+            "no_patches": len(self.no_patches),
             "leakage_removed": len(self.leakage),
             "kept_slides": len({r["slide_id"] for r in self.kept}),
             "missing_slides": len({r["slide_id"] for r in self.missing_features}),
+            "no_patches_slides": len({r["slide_id"] for r in self.no_patches}),
             "leakage_slides": len({r["slide_id"] for r in self.leakage}),
         }
+
+    def unusable(self) -> list[dict]:
+        """Records dropped because their slide has no usable features (no store, or an empty one)."""
+        return self.missing_features + self.no_patches
+
+    def missing_fraction(self) -> float:
+        """Share of the records that needed features (well-formed, not removed for leakage) left without."""
+        needed = len(self.kept) + len(self.unusable())
+        return len(self.unusable()) / needed if needed else 0.0
+
+
+def _check_stores(stores: Iterable[Path]) -> tuple[dict[Path, int], dict[Path, str]]:
+    """Patches per store, and why the stores that fail their checks failed (read in parallel: mostly I/O)."""
+    stores = sorted(set(stores))
+
+    def check(p: Path) -> tuple[int | None, str | None]:
+        try:
+            return count_patches(p), None
+        except StoreError as exc:
+            return None, str(exc)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(check, stores))
+    counts = {p: n for p, (n, _) in zip(stores, results) if n is not None}
+    return counts, {p: err for p, (_, err) in zip(stores, results) if err is not None}
 
 
 def assemble(
     records: list[Any],
-    features_dir: str | os.PathLike,
+    index: FeatureStoreIndex,
     benchmark_ids: set[str] | None = None,
-    slide_map: dict[str, dict[str, str]] | None = None,
     leakage_level: str = "slide",
 ) -> AssemblyReport:
-    """Validate records, attach `slide_id` and `features` (store path) to each kept one; never raises per record."""
-    stores = index_feature_stores(features_dir)
+    """Validate records, attach `slide_id` and `features` (store path) to each kept one; never raises per record.
+
+    Every store a record needs is checked once; damaged ones are listed in `damaged_stores`.
+    """
     leak = {leak_key(s, leakage_level) for s in (benchmark_ids or set())}
     report = AssemblyReport(n_input=len(records))
     seen: Counter[str] = Counter()
+    found = []
     for i, rec in enumerate(records):
         rid = str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}"
         why = validate_record(rec)
@@ -200,19 +168,63 @@ def assemble(
         if seen[rid] == 2:
             report.duplicate_ids.append(rid)
         image = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
-        mapped = (slide_map or {}).get(image) or (slide_map or {}).get(normalize_slide_id(image)) or {}
-        slide_id = mapped.get("slide_id") or normalize_slide_id(image)
+        slide_id, store = index.resolve(image)
         if leak_key(slide_id, leakage_level) in leak:
             report.leakage.append({"id": rid, "slide_id": slide_id})
-            continue
-        store = Path(mapped["features"]) if mapped.get("features") else stores.get(slide_id)
-        if store is None or not store.exists():
+        elif store is None:
             report.missing_features.append({"id": rid, "slide_id": slide_id})
+        else:
+            found.append((rid, image, slide_id, store, rec))
+    n_patches, damaged = _check_stores(store for *_, store, _ in found)
+    report.damaged_stores = [{"store": str(p), "error": err} for p, err in damaged.items()]
+    for rid, image, slide_id, store, rec in found:
+        if store in damaged:
+            continue
+        if n_patches[store] == 0:
+            report.no_patches.append({"id": rid, "slide_id": slide_id, "features": str(store)})
             continue
         out = {"id": rid, "image": [image], "slide_id": slide_id, "features": str(store)}
         out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in rec["conversations"]]
         report.kept.append(out)
     return report
+
+
+def _read_records(path: str | os.PathLike) -> list[Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc}) (option --input)") from exc
+    if isinstance(data, dict):  # tolerate {"data": [...]} wrappers
+        data = data.get("data", data.get("samples"))
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of SlideInstruction records (option --input)")
+    return data
+
+
+def _listed(slides: Iterable[str], limit: int = 20) -> str:
+    slides = sorted(set(slides))
+    return ", ".join(slides[:limit]) + (f" and {len(slides) - limit} more" if len(slides) > limit else "")
+
+
+def _refuse_losses(report: AssemblyReport, out: Path, settings: BuildSettings) -> None:
+    """A damaged store, a build that keeps nothing, or one losing too many records is an error."""
+    if report.damaged_stores:
+        first = report.damaged_stores[0]["error"]
+        raise StoreError(f"{len(report.damaged_stores)} feature store(s) failed their check: "
+                         f"{_listed(d['store'] for d in report.damaged_stores)}. First: {first}")
+    c = report.counts()
+    if not report.kept:
+        raise InputError(f"{out}: no record kept out of {c['input']} ({c['malformed']} malformed, "
+                         f"{c['missing_features']} without a feature store, {c['no_patches']} with an empty store, "
+                         f"{c['leakage_removed']} removed by the leakage guard); check --features-dir and --slide-map "
+                         f"(slides looked for: {_listed(r['slide_id'] for r in report.unusable())})")
+    if report.missing_fraction() > settings.max_missing_fraction:
+        raise InputError(
+            f"{out}: {len(report.unusable())} record(s) ({100 * report.missing_fraction():.1f}%, more than "
+            f"--max-missing-fraction {settings.max_missing_fraction:g}) have no usable features; slides without a "
+            f"store: {_listed(r['slide_id'] for r in report.missing_features) or 'none'}; slides with an empty "
+            f"store: {_listed(r['slide_id'] for r in report.no_patches) or 'none'}. Extract them, fix "
+            f"--slide-map, or raise --max-missing-fraction (1 builds anyway)")
 
 
 def build_instructions(
@@ -221,33 +233,32 @@ def build_instructions(
     out: str | os.PathLike,
     exclude_benchmarks: Iterable[str | os.PathLike] = (),
     slide_map: str | os.PathLike | None = None,
-    leakage_level: str = "slide",
+    settings: BuildSettings | None = None,
 ) -> dict:
     """Assemble training JSON `out` and `<out stem>.manifest.json`; returns the manifest.
 
-    A file that cannot be parsed at all is an error (it is an input of the DAG, not one bad record).
+    A file that cannot be parsed at all is an error (it is an input of the DAG, not one bad record), and so
+    are a damaged store, a build that keeps nothing and one that loses too many records (`settings`).
     """
+    settings = settings or BuildSettings()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     records: list[Any] = []
     input_info = []
     for p in inputs:
-        data = json.loads(Path(p).read_text())
-        if isinstance(data, dict):  # tolerate {"data": [...]} wrappers
-            data = data.get("data", data.get("samples"))
-        if not isinstance(data, list):
-            raise ValueError(f"{p}: expected a JSON list of SlideInstruction records")
+        data = _read_records(p)
         records.extend(data)
         input_info.append({"path": str(p), "sha256": sha256_file(p), "records": len(data)})
     bench_ids: set[str] = set()
     bench_info = []
     for b in exclude_benchmarks:
-        ids = load_benchmark_slide_ids(b)
+        ids = benchmark_slide_ids(b)
         bench_ids |= ids
         bench_info.append({"path": str(b), "sha256": sha256_file(b), "slides": len(ids)})
-    mapping = load_slide_map(slide_map) if slide_map else None
-    report = assemble(records, features_dir, bench_ids, mapping, leakage_level)
-
+    index = FeatureStoreIndex(features_dir, read_slide_map(slide_map) if slide_map else None)
+    report = assemble(records, index, bench_ids, settings.leakage_level)
     out = Path(out)
+    _refuse_losses(report, out, settings)
+
     write_json(out, report.kept)
     manifest = {
         "output": str(out),
@@ -256,11 +267,14 @@ def build_instructions(
         "features_dir": str(features_dir),
         "slide_map": {"path": str(slide_map), "sha256": sha256_file(slide_map)} if slide_map else None,
         "exclude_benchmarks": bench_info,
-        "leakage_level": leakage_level,
+        "leakage_level": settings.leakage_level,
+        "settings": asdict(settings),
         "counts": report.counts(),
+        "missing_fraction": report.missing_fraction(),
         "dropped": {
             "malformed": report.malformed,
             "missing_features": report.missing_features,
+            "no_patches": report.no_patches,
             "leakage": report.leakage,
         },
         "duplicate_ids": report.duplicate_ids,
@@ -276,23 +290,28 @@ def manifest_path(out: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="slidechat build-instructions", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = BuildSettings()
+    parser = command_parser("slidechat build-instructions", __doc__,
+                            "slidechat build-instructions --input vqa.json --features-dir results/features/conch_v1 "
+                            "--out stage2.json --exclude-benchmark SlideBench-VQA-TCGA.csv")
     parser.add_argument("--input", required=True, nargs="+", help="SlideInstruction JSON file(s)")
     parser.add_argument("--features-dir", required=True, help="folder of <slide_id>.zarr/.h5/.csv feature stores")
     parser.add_argument("--out", required=True, help="output training JSON (manifest written beside it)")
     parser.add_argument("--exclude-benchmark", nargs="*", default=[], metavar="FILE",
                         help="evaluation files (SlideBench CSV/JSON, MultiPathQA CSV, WSI-Bench JSON) whose slides are removed")
     parser.add_argument("--slide-map", help="CSV with columns image, slide_id and/or features (other naming schemes)")
-    parser.add_argument("--leakage-level", choices=["slide", "case"], default="slide",
-                        help="'case' also removes other slides of the same TCGA patient")
+    parser.add_argument("--leakage-level", choices=["slide", "case"], default=defaults.leakage_level,
+                        help=BuildSettings.__dataclass_fields__["leakage_level"].metadata["help"])
+    parser.add_argument("--max-missing-fraction", type=float, default=defaults.max_missing_fraction,
+                        help=BuildSettings.__dataclass_fields__["max_missing_fraction"].metadata["help"])
     args = parser.parse_args(argv)
-    m = build_instructions(args.input, args.features_dir, args.out, args.exclude_benchmark, args.slide_map,
-                           args.leakage_level)
+    settings = BuildSettings(leakage_level=args.leakage_level, max_missing_fraction=args.max_missing_fraction)
+    m = build_instructions(args.input, args.features_dir, args.out, args.exclude_benchmark, args.slide_map, settings)
     c = m["counts"]
     print(f"{args.out}: kept {c['kept']}/{c['input']} records ({c['kept_slides']} slides); "
           f"dropped {c['malformed']} malformed, {c['missing_features']} without features "
-          f"({c['missing_slides']} slides), {c['leakage_removed']} by the leakage guard ({c['leakage_slides']} slides)")
+          f"({c['missing_slides']} slides), {c['no_patches']} with an empty store ({c['no_patches_slides']} slides), "
+          f"{c['leakage_removed']} by the leakage guard ({c['leakage_slides']} slides)")
     for d in m["dropped"]["malformed"][:20]:
         print(f"  malformed {d['id']}: {d['reason']}")
     return 0

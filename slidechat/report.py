@@ -47,10 +47,10 @@ def plot_category_accuracy(metrics: dict[str, Any], out_png: str | os.PathLike) 
                        label=f"always '{b['most_frequent_letter']['letter']}'")
         if b.get("random"):
             ax.axvline(100 * b["random"], color="grey", ls=":", lw=1, label="random")
-        ax.set_yticks(list(y), [f"{c} (n={cats[c]['n_answered']})" for c in names], fontsize=8)
+        ax.set_yticks(list(y), [f"{c} (n={cats[c]['n']})" for c in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("accuracy over answered questions (%)")
+        ax.set_xlabel("accuracy, unanswered = wrong (%)")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / (0.45 * len(names) + 1.6)), ncol=5,
                   frameon=False)
     else:  # caption-only benchmark: corpus metrics
@@ -99,12 +99,15 @@ def render_markdown(metrics: dict[str, Any], png_name: str | None = "category_ac
         mfl, pcm = b["most_frequent_letter"], b["per_category_majority"]
         lines += ["## Multiple choice", "",
                   _table(["", "value"], [
-                      ["accuracy (answered)", f"{_pct(metrics['accuracy'])} (95% CI {_ci(metrics['accuracy_ci95'])})"],
-                      ["accuracy (all, unanswered = wrong)", _pct(metrics.get("accuracy_all"))],
+                      ["accuracy (all, unanswered = wrong)",
+                       f"{_pct(metrics['accuracy'])} (95% CI {_ci(metrics['accuracy_ci95'])})"],
+                      ["accuracy (answered only)", _pct(metrics.get("accuracy_answered"))],
                       ["questions", str(metrics["n"])],
                       ["answered", str(metrics["n_answered"])],
                       ["skipped: slide has no features", str(metrics["n_skipped_no_features"])],
+                      ["skipped: store holds no patches", str(metrics.get("n_skipped_no_patches", 0))],
                       ["no output", str(metrics.get("n_missing_output", 0))],
+                      ["left out: answer not among the choices", str(metrics.get("n_answer_not_in_choices", 0))],
                       ["unparsable answers", f"{metrics['unparsable']} ({_pct(metrics['unparsable_rate'])})"],
                       ["baseline: uniform random", _pct(b["random"])],
                       [f"baseline: always '{mfl['letter']}'", _pct(mfl["accuracy"])],
@@ -114,7 +117,7 @@ def render_markdown(metrics: dict[str, Any], png_name: str | None = "category_ac
                        f"{metrics['margin_over_majority']:+.1f} points"],
                   ]), "",
                   "Multiple-choice benchmarks here are letter-skewed: a model is only interesting above the "
-                  "baselines. Accuracy is over answered questions; an unparsable answer counts as wrong.", ""]
+                  "baselines. Accuracy counts unanswered and unparsable answers as wrong.", ""]
         if png_name:
             lines += [f"![accuracy per category]({png_name})", ""]
         headers = ["category", "n", "answered", "accuracy", "majority letter", "unparsable"]

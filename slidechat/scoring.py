@@ -20,15 +20,18 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from wsicore.files import write_json
+from preprocessing.stores import slide_key
 from slidechat.benchmarks_io import (
     Benchmark,
     BenchItem,
+    BenchmarkFormatError,
+    benchmark_slide_ids,
     load_benchmark,
     match_outputs,
     read_outputs_csv,
     skipped_in_outputs,
 )
+from wsicore.files import write_json
 
 # ------------------------------------------------------------------------------------- letter extractor
 
@@ -162,50 +165,59 @@ def _group_stats(items: Sequence[BenchItem], preds: dict[str, str | None], answe
         g = groups[k]
         ans = [it for it in g if it.qid in answered]
         correct = sum(preds.get(it.qid) == it.answer for it in ans)
-        base = answer_prior_baselines(ans)
         out[k] = {
             "n": len(g), "n_answered": len(ans), "correct": int(correct),
-            "accuracy": correct / len(ans) if ans else None,
+            "accuracy": correct / len(g), "accuracy_answered": correct / len(ans) if ans else None,
             "unparsable": sum(preds.get(it.qid) is None for it in ans),
-            "majority_letter_accuracy": base["most_frequent_letter"]["accuracy"] if ans else None,
+            "majority_letter_accuracy": answer_prior_baselines(g)["most_frequent_letter"]["accuracy"],
         }
     return out
 
 
 def score_choice(bench: Benchmark | Sequence[BenchItem], raw_outputs: dict[str, str | None],
-                 skipped_no_features: Iterable[str] = (), n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                 skipped: dict[str, str] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Metrics for the closed questions: overall / per-category / per-group accuracy, CI and baselines.
 
-    A question is *answered* when it has a non-empty output. Accuracy is over answered questions (an
-    unparsable answer counts as wrong); ``accuracy_all`` counts unanswered ones as wrong too.
+    `skipped` maps question ids the evaluator did not ask to why (`no_features`, `no_patches`). The headline
+    `accuracy` is over every scorable question: skipped ones, ones missing from the outputs and unparsable
+    answers count as wrong. `accuracy_answered` is over the questions with an output (the figure the original
+    test tool prints when every question has one). Items whose answer is not among their choices cannot be
+    scored; they are left out and listed in `answer_not_in_choices`.
     """
-    items = bench.choice_items if isinstance(bench, Benchmark) else [it for it in bench if it.is_choice]
+    all_items = bench.choice_items if isinstance(bench, Benchmark) else [it for it in bench if it.is_choice]
     group_name = bench.group_name if isinstance(bench, Benchmark) else "group"
-    skipped_nf = set(skipped_no_features)
+    skipped = dict(skipped or {})
+    items = [it for it in all_items if it.answer in it.options]
+    not_scorable = [{"id": it.qid, "answer": it.row.get("Answer"), "choices": list(it.options)}
+                    for it in all_items if it.answer not in it.options]
     preds = {it.qid: extract_answer(raw_outputs.get(it.qid), it.options) for it in items}
-    answered = {it.qid for it in items if raw_outputs.get(it.qid) is not None and it.qid not in skipped_nf}
-    ans_items = [it for it in items if it.qid in answered]
-    correct_vec = [float(preds[it.qid] == it.answer) for it in ans_items]
-    n_ans = len(ans_items)
-    unparsable = sum(preds[it.qid] is None for it in ans_items)
-    acc = float(np.mean(correct_vec)) if n_ans else None
+    answered = {it.qid for it in items if raw_outputs.get(it.qid) is not None and it.qid not in skipped}
+    correct_all = [float(it.qid in answered and preds[it.qid] == it.answer) for it in items]
+    correct_ans = [c for it, c in zip(items, correct_all) if it.qid in answered]
+    n, n_ans = len(items), len(correct_ans)
+    unparsable = sum(preds[it.qid] is None for it in items if it.qid in answered)
+    acc = float(np.mean(correct_all)) if n else None
     base_all = answer_prior_baselines(items)
-    base_ans = answer_prior_baselines(ans_items)
-    mfl = base_ans["most_frequent_letter"]
+    mfl = base_all["most_frequent_letter"]
+    status = Counter(skipped.get(it.qid) for it in items)
     metrics: dict[str, Any] = {
-        "n": len(items),
+        "n": n,
         "n_answered": n_ans,
-        "n_skipped_no_features": sum(it.qid in skipped_nf for it in items),
-        "n_missing_output": sum(it.qid not in answered and it.qid not in skipped_nf for it in items),
-        "correct": int(sum(correct_vec)),
+        "n_skipped_no_features": status["no_features"],
+        "n_skipped_no_patches": status["no_patches"],
+        "n_missing_output": sum(it.qid not in answered and it.qid not in skipped for it in items),
+        "n_answer_not_in_choices": len(not_scorable),
+        "answer_not_in_choices": not_scorable,
+        "correct": int(sum(correct_all)),
         "accuracy": acc,
-        "accuracy_ci95": bootstrap_ci(correct_vec, n_boot=n_boot, seed=seed),
-        "accuracy_all": (sum(correct_vec) / len(items)) if items else None,
+        "accuracy_ci95": bootstrap_ci(correct_all, n_boot=n_boot, seed=seed),
+        "accuracy_answered": float(np.mean(correct_ans)) if n_ans else None,
+        "accuracy_answered_ci95": bootstrap_ci(correct_ans, n_boot=n_boot, seed=seed),
         "unparsable": int(unparsable),
         "unparsable_rate": unparsable / n_ans if n_ans else None,
         "prediction_counts": dict(sorted(Counter(p or "unparsable" for q, p in preds.items() if q in answered).items())),
         "baselines": base_all,
-        "baselines_answered": base_ans,
+        "baselines_answered": answer_prior_baselines([it for it in items if it.qid in answered]),
         "margin_over_majority": (100.0 * (acc - mfl["accuracy"])) if (acc is not None and mfl) else None,
         "per_broad_category": _group_stats(items, preds, answered, lambda it: it.broad_category),
         "per_narrow_category": _group_stats(items, preds, answered, lambda it: it.narrow_category),
@@ -308,17 +320,18 @@ def caption_metrics(references: Sequence[str], hypotheses: Sequence[str], ids: S
 
 
 def score_open(bench: Benchmark | Sequence[BenchItem], raw_outputs: dict[str, str | None],
-               skipped_no_features: Iterable[str] = (), judge: Callable[[str, str], float] | None = None
+               skipped: dict[str, str] | None = None, judge: Callable[[str, str], float] | None = None
                ) -> dict[str, Any]:
     """Caption metrics over open-ended items that have an output (others counted as skipped / missing)."""
     items = bench.open_items if isinstance(bench, Benchmark) else [it for it in bench if not it.is_choice]
-    skipped_nf = set(skipped_no_features)
-    done = [it for it in items if raw_outputs.get(it.qid) is not None and it.qid not in skipped_nf]
+    skipped = dict(skipped or {})
+    done = [it for it in items if raw_outputs.get(it.qid) is not None and it.qid not in skipped]
     m = caption_metrics([it.reference or "" for it in done], [raw_outputs[it.qid] or "" for it in done],
                         [it.qid for it in done], judge=judge)
-    m.update({"n": len(items), "n_answered": len(done),
-              "n_skipped_no_features": sum(it.qid in skipped_nf for it in items),
-              "n_missing_output": len(items) - len(done) - sum(it.qid in skipped_nf for it in items)})
+    status = Counter(skipped.get(it.qid) for it in items)
+    m.update({"n": len(items), "n_answered": len(done), "n_skipped_no_features": status["no_features"],
+              "n_skipped_no_patches": status["no_patches"],
+              "n_missing_output": sum(it.qid not in skipped for it in items) - len(done)})
     by_task: dict[str, list[dict]] = defaultdict(list)
     per = {p["id"]: p for p in m["per_sample"]}
     for it in done:
@@ -335,8 +348,6 @@ def score_open(bench: Benchmark | Sequence[BenchItem], raw_outputs: dict[str, st
 
 def training_slide_ids(path: str | os.PathLike) -> set[str]:
     """Slide ids used for training, from a `build-instructions` manifest (its `output` JSON) or a training JSON."""
-    from slidechat.instructions import load_benchmark_slide_ids, normalize_slide_id
-
     path = Path(path)
     data = json.loads(path.read_text())
     if isinstance(data, dict) and "output" in data:  # our manifest: the kept records are in `output`
@@ -344,23 +355,24 @@ def training_slide_ids(path: str | os.PathLike) -> set[str]:
         if not out.exists():
             out = path.with_name(path.name.replace(".manifest.json", ".json"))
         if not out.exists():
-            raise FileNotFoundError(f"{path}: training JSON named by the manifest not found: {data['output']}")
+            raise BenchmarkFormatError(f"{path}: training JSON named by the manifest not found: {data['output']}")
         path = out
         data = json.loads(out.read_text())
     ids = set()
     if isinstance(data, list):
-        ids = {normalize_slide_id(r["slide_id"]) for r in data if isinstance(r, dict) and r.get("slide_id")}
-    return ids | load_benchmark_slide_ids(path)
+        ids = {r["slide_id"] for r in data if isinstance(r, dict) and r.get("slide_id")}
+    return ids | benchmark_slide_ids(path)
 
 
 def leakage_check(bench: Benchmark, train_manifests: Iterable[str | os.PathLike]) -> dict[str, Any]:
-    """Evaluation slides that also appear in training data (listed; a warning is printed by the callers)."""
+    """Evaluation slides that also appear in training data (ids compared by `slide_key`; a warning is
+    printed by the callers)."""
     manifests = [str(p) for p in train_manifests]
     train: set[str] = set()
     for p in manifests:
-        train |= training_slide_ids(p)
+        train |= {slide_key(s) for s in training_slide_ids(p)}
     eval_ids = set(bench.slide_ids())
-    overlap = sorted(eval_ids & train)
+    overlap = sorted(s for s in eval_ids if slide_key(s) in train)
     return {"checked": bool(manifests), "train_manifests": manifests, "n_eval_slides": len(eval_ids),
             "n_overlap": len(overlap), "slides": overlap,
             "n_questions_on_overlap": sum(it.slide_id in set(overlap) for it in bench.items)}
@@ -369,20 +381,23 @@ def leakage_check(bench: Benchmark, train_manifests: Iterable[str | os.PathLike]
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score_outputs(bench: Benchmark, raw_outputs: dict[str, str | None], skipped_no_features: Iterable[str] = (),
+def score_outputs(bench: Benchmark, raw_outputs: dict[str, str | None], skipped: dict[str, str] | None = None,
                   train_manifests: Iterable[str | os.PathLike] = (), settings: dict[str, Any] | None = None,
                   judge: Callable[[str, str], float] | None = None, n_boot: int = 1000) -> dict[str, Any]:
-    """All metrics for one benchmark; the top level holds the closed-question metrics when there are any."""
-    skipped = list(skipped_no_features)
+    """All metrics for one benchmark; the top level holds the closed-question metrics when there are any.
+
+    `skipped`: question id -> why it was not asked (`no_features`: no store; `no_patches`: an empty store).
+    """
     metrics: dict[str, Any] = {"benchmark": bench.path or bench.name, "format": bench.format,
                                "group_name": bench.group_name}
     if bench.choice_items:
         metrics.update(score_choice(bench, raw_outputs, skipped, n_boot=n_boot))
     else:
-        metrics.update({"n": 0, "n_answered": 0, "n_skipped_no_features": 0, "accuracy": None,
-                        "accuracy_ci95": None, "unparsable": 0, "unparsable_rate": None,
-                        "per_broad_category": {}, "per_narrow_category": {},
-                        "baselines": answer_prior_baselines([]), "margin_over_majority": None})
+        metrics.update({"n": 0, "n_answered": 0, "n_skipped_no_features": 0, "n_skipped_no_patches": 0,
+                        "accuracy": None, "accuracy_ci95": None, "accuracy_answered": None, "unparsable": 0,
+                        "unparsable_rate": None, "per_broad_category": {}, "per_narrow_category": {},
+                        "baselines": answer_prior_baselines([]), "margin_over_majority": None,
+                        "n_answer_not_in_choices": 0, "answer_not_in_choices": []})
     if bench.open_items:
         metrics["captions"] = score_open(bench, raw_outputs, skipped, judge=judge)
     metrics["leakage"] = leakage_check(bench, train_manifests)
@@ -399,20 +414,31 @@ def warn_leakage(metrics: dict[str, Any], stream=sys.stderr) -> None:
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """A few human lines: accuracy beside the answer-prior baselines."""
+    """A few human lines: accuracy (missing answers counted wrong) beside the answer-prior baselines."""
     lines = []
     if metrics.get("n"):
         acc, ci = metrics.get("accuracy"), metrics.get("accuracy_ci95")
         b = metrics["baselines"]
-        acc_s = f"{100 * acc:.1f}%" if acc is not None else "n/a"
         ci_s = f" (95% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else ""
-        lines.append(f"accuracy {acc_s}{ci_s} over {metrics['n_answered']}/{metrics['n']} answered; "
-                     f"{metrics['n_skipped_no_features']} skipped (no features); unparsable {metrics['unparsable']}")
+        n_unasked = metrics["n"] - metrics["n_answered"]
+        answered = metrics.get("accuracy_answered")
+        lines.append(f"accuracy {100 * acc:.1f}%{ci_s} over all {metrics['n']} questions, the {n_unasked} without "
+                     f"an answer counted wrong ({metrics['n_skipped_no_features']} skipped: no feature store, "
+                     f"{metrics.get('n_skipped_no_patches', 0)} skipped: store without patches, "
+                     f"{metrics.get('n_missing_output', 0)} missing from the outputs); "
+                     + (f"{100 * answered:.1f}% over the {metrics['n_answered']} answered; " if answered is not None
+                        else "none answered; ")
+                     + f"unparsable {metrics['unparsable']}")
         lines.append(f"baselines: random {100 * b['random']:.1f}%, always '{b['most_frequent_letter']['letter']}' "
                      f"{100 * b['most_frequent_letter']['accuracy']:.1f}%, per-category majority "
                      f"{100 * b['per_category_majority']['accuracy']:.1f}%")
         if metrics.get("margin_over_majority") is not None:
             lines.append(f"margin over the most frequent letter: {metrics['margin_over_majority']:+.1f} points")
+    bad = metrics.get("answer_not_in_choices") or []
+    if bad:
+        shown = ", ".join(str(d["id"]) for d in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        lines.append(f"{len(bad)} benchmark item(s) left out of scoring: their answer is not among their choices "
+                     f"(ids {shown})")
     cap = metrics.get("captions")
     if cap and cap.get("n_answered"):
         c = cap["corpus"]

@@ -147,7 +147,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.features_dir = Path(features_dir) if features_dir else None
         self.max_length = max_length
         self.max_patches = max_patches
-        self._index: dict[str, Path] | None = None
+        self._index: Any = None  # preprocessing.stores.FeatureStoreIndex, built on first use
         # Records repeat slides (many questions per slide): keep the last few slides' features in memory.
         self.cache_slides = cache_slides
         self._cache: OrderedDict[Path, torch.Tensor] = OrderedDict()
@@ -160,19 +160,21 @@ class InstructionDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def store_path(self, rec: dict) -> Path:
-        """The record's store: by slide id in --features-dir when given (stores may have moved), else its path."""
-        from slidechat.instructions import index_feature_stores, normalize_slide_id
+        """The record's store: by slide id in --features-dir when given (stores may have moved), else its path;
+        found by the `FeatureStoreIndex` that build-instructions and evaluation use."""
+        from preprocessing.stores import FeatureStoreIndex, StoreError, normalize_slide_id
 
         sid = rec.get("slide_id") or normalize_slide_id(rec["image"][0])
         if self.features_dir is not None:
             if self._index is None:
-                self._index = index_feature_stores(self.features_dir)
-            if sid in self._index:
-                return self._index[sid]
+                self._index = FeatureStoreIndex(self.features_dir)
+            found = self._index.find(sid)
+            if found is not None:
+                return found
         if rec.get("features") and Path(rec["features"]).exists():
             return Path(rec["features"])
-        raise FileNotFoundError(f"no feature store for slide {sid!r} (record {rec.get('id')}) in "
-                                f"{self.features_dir or 'the record'}; run build-instructions against --features-dir")
+        raise StoreError(f"no feature store for slide {sid!r} (record {rec.get('id')}) in "
+                         f"{self.features_dir or 'the record'}; run build-instructions against --features-dir")
 
     def load_features(self, rec: dict) -> torch.Tensor:
         from preprocessing.stores import load_features

@@ -13,12 +13,14 @@ import pytest
 from slidechat.benchmarks_io import (
     BenchmarkFormatError,
     TCGA_COLUMNS,
+    benchmark_slide_ids,
     load_benchmark,
     match_outputs,
     parse_inline_options,
     read_outputs_csv,
     write_outputs_csv,
 )
+from wsicore.errors import InputError
 
 TCGA_ROWS = [
     {"ID": 17, "Slide": "TCGA-05-4244-01Z-00-DX1", "Tumor": "LUAD", "Broad Category": "Diagnosis",
@@ -85,7 +87,7 @@ def test_missing_columns_are_named(tmp_path):
     p2.write_text(json.dumps({"samples": [{"slide_id": "s", "question": "q", "choices": ["A) x"]}]}))
     with pytest.raises(BenchmarkFormatError, match="answer"):
         load_benchmark(p2)
-    with pytest.raises(FileNotFoundError, match="--benchmark"):
+    with pytest.raises(InputError, match="--benchmark"):
         load_benchmark(tmp_path / "nope.csv")
 
 
@@ -147,3 +149,20 @@ def test_parse_inline_options_keeps_last_run():
     stem, opts = parse_inline_options("Is A) really first? A) Luminal A   B) Luminal B   C) HER2-enriched   D) Basal")
     assert stem == "Is A) really first?"
     assert opts == {"A": "Luminal A", "B": "Luminal B", "C": "HER2-enriched", "D": "Basal"}
+
+
+def test_benchmark_slide_ids_for_the_leakage_guard(vlm_data, tmp_path):
+    """One reader: what evaluation reads, plus files that only list slides (MultiPathQA, training JSON)."""
+    bench = load_benchmark(vlm_data / "slidebench_vqa_tcga_1494.json")
+    assert benchmark_slide_ids(vlm_data / "slidebench_vqa_tcga_1494.json") == set(bench.slide_ids())
+    mpqa = benchmark_slide_ids(vlm_data / "MultiPathQA.csv")
+    with open(vlm_data / "MultiPathQA.csv", newline="") as fh:
+        assert mpqa == {r["image_path"].rsplit(".", 1)[0] for r in csv.DictReader(fh)}
+    assert "GTEX-OIZH-0626" in mpqa
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{"id": "x", "image": ["TCGA-AR-A255-01Z-00-DX1.csv"], "conversations": []},
+                                 {"id": "y", "image": "b/c.zarr", "slide_id": "renamed", "conversations": []}]))
+    assert benchmark_slide_ids(train) == {"TCGA-AR-A255-01Z-00-DX1", "c", "renamed"}
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(BenchmarkFormatError, match="no slide column"):
+        benchmark_slide_ids(tmp_path / "x.csv")

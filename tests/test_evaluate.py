@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from preprocessing.stores import write_h5_store, write_zarr_store
+from preprocessing.stores import FeatureStoreIndex, StoreError, read_slide_map, write_h5_store, write_zarr_store
 from slidechat.benchmarks_io import TCGA_COLUMNS, load_benchmark
 from slidechat.cli import main as cli
-from slidechat.evaluate import EvalSettings, StoreFinder, build_question, evaluate, generate_for_benchmark
+from slidechat.evaluate import EvalSettings, build_question, evaluate, generate_for_benchmark
 from slidechat.checkpoint import load_model, new_model, save_model
 from slidechat.model import SlideChatConfig
+from slidechat.scoring import summary_lines
 from slidechat.tiny import build_tiny_llm
 
 CORPUS = [
@@ -83,7 +85,7 @@ def test_question_format_is_the_original_prompt(bench_setup):
 
 def test_reuse_and_batching_give_the_same_answers_as_reencoding(model, bench_setup):
     bench = load_benchmark(bench_setup[0])
-    finder = StoreFinder(bench_setup[1])
+    finder = FeatureStoreIndex(bench_setup[1])
     calls = {"encode": 0}
     orig = model.encode_slide
 
@@ -103,7 +105,7 @@ def test_reuse_and_batching_give_the_same_answers_as_reencoding(model, bench_set
         del model.encode_slide
     assert n_fast == 2  # one encoding per slide that has features
     assert n_slow == 5  # one per answered question
-    assert fast.skipped_no_features == slow.skipped_no_features == ["103"]
+    assert fast.skipped == slow.skipped == {"103": "no_features"}
     assert {q: v["Output"] for q, v in fast.outputs.items()} == {q: v["Output"] for q, v in slow.outputs.items()}
     assert all(fast.outputs[q]["Output"] for q in fast.outputs if q != "103")
 
@@ -129,7 +131,8 @@ def test_evaluate_writes_outputs_metrics_and_reports(model, model_dir, bench_set
     answered = df[df.Status == "ok"]
     correct = int((answered.Prediction == answered.Answer).sum())
     assert m["n"] == 6 and m["n_answered"] == 5 and m["n_skipped_no_features"] == 1
-    assert m["correct"] == correct and m["accuracy"] == pytest.approx(correct / 5)
+    assert m["correct"] == correct and m["accuracy"] == pytest.approx(correct / 6)  # the skipped one counts wrong
+    assert m["accuracy_answered"] == pytest.approx(correct / 5)
     assert m["unparsable"] == int((answered.Prediction == "").sum())
     assert m["skipped_slides"] == ["SLIDE-MISSING"]
     assert m["settings"]["max_new_tokens"] == 5 and m["settings"]["answer_with_letter_instruction"] is False
@@ -143,14 +146,14 @@ def test_evaluate_writes_outputs_metrics_and_reports(model, model_dir, bench_set
     assert cli(["score", "--benchmark", str(bench_csv), "--outputs", str(out / "outputs.csv"),
                 "--out", str(tmp_path / "rescored.json")]) == 0
     again = json.loads((tmp_path / "rescored.json").read_text())
-    assert (again["accuracy"], again["n_skipped_no_features"], again["unparsable"]) == (
-        m["accuracy"], m["n_skipped_no_features"], m["unparsable"])
+    assert (again["accuracy"], again["accuracy_answered"], again["n_skipped_no_features"], again["unparsable"]) == (
+        m["accuracy"], m["accuracy_answered"], m["n_skipped_no_features"], m["unparsable"])
 
 
 def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path):
     bench_csv, feats = bench_setup
     slide_map = tmp_path / "map.csv"
-    pd.DataFrame({"Slide": ["SLIDE-MISSING"], "features": [str(feats / "SLIDE-A.zarr")]}).to_csv(slide_map, index=False)
+    pd.DataFrame({"Slide": ["slide-missing"], "features": [str(feats / "SLIDE-A.zarr")]}).to_csv(slide_map, index=False)
     rc = cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(feats), "--model", str(model_dir),
               "--out-dir", str(tmp_path / "e"), "--slide-map", str(slide_map), "--max-new-tokens", "3",
               "--answer-with-letter", "--device", "cpu"])
@@ -158,9 +161,8 @@ def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path):
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n_skipped_no_features"] == 0 and m["n_answered"] == 6
     assert m["settings"]["answer_with_letter_instruction"] is True
-    with pytest.raises(FileNotFoundError, match="--features-dir"):
-        cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(tmp_path / "nope"), "--model",
-             str(model_dir), "--out-dir", str(tmp_path / "x")])
+    assert cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(tmp_path / "nope"), "--model",
+                str(model_dir), "--out-dir", str(tmp_path / "x")]) == 2
 
 
 def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_path):
@@ -185,3 +187,51 @@ def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_
     (out / PARTIAL_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     m2 = evaluate(bench_csv, feats, model_dir, out, settings=EvalSettings(max_new_tokens=3), model=model, log=None)
     assert m2["settings"]["n_resumed"] == 0 and m2["settings"]["n_generated"] == 5
+
+
+def test_slide_map_renames_and_relative_paths(tmp_path):
+    feats = tmp_path / "features"
+    _store(feats / "patient-7.zarr", 4, 3)
+    _store(tmp_path / "maps" / "stores" / "other.h5", 4, 4, kind="h5")
+    smap = tmp_path / "maps" / "map.csv"
+    smap.write_text("slide,slide_id,features\nTCGA-AA-0001-01Z-00-DX1,patient-7,\nslide-9,,stores/other.h5\n")
+    index = FeatureStoreIndex(feats, read_slide_map(smap))
+    assert index.resolve("tcga-aa-0001-01z-00-dx1.svs") == ("patient-7", feats / "patient-7.zarr")
+    assert index.find("SLIDE-9") == tmp_path / "maps" / "stores" / "other.h5"  # relative to the map
+    assert index.find("slide-10") is None
+    _store(feats / "sub" / "Patient-7.zarr", 4, 5)  # the same id twice (ignoring case): ambiguous, refused
+    with pytest.raises(StoreError, match="several feature stores match"):
+        FeatureStoreIndex(feats).find("patient-7")
+
+
+def test_zero_patch_slide_is_skipped_and_counted(model, model_dir, tmp_path):
+    feats = tmp_path / "features"
+    _store(feats / "SLIDE-A.zarr", 20, 1)
+    write_zarr_store(feats / "SLIDE-EMPTY.zarr", np.zeros((0, 512)), np.zeros((0, 2), np.int64), None, {})
+    rows = [{"ID": i, "Slide": s, "Tumor": "DEMO", "Broad Category": "Diagnosis", "Narrow Category": "Tissue",
+             "Question": f"Q{i}?", "A": "a", "B": "b", "C": "c", "D": "d", "Answer": "A"}
+            for i, s in enumerate(["SLIDE-A", "SLIDE-EMPTY", "SLIDE-EMPTY"])]
+    bench = tmp_path / "bench.csv"
+    pd.DataFrame(rows, columns=TCGA_COLUMNS).to_csv(bench, index=False)
+    m = evaluate(bench, feats, model_dir, tmp_path / "e", settings=EvalSettings(max_new_tokens=3), model=model, log=None)
+    df = pd.read_csv(tmp_path / "e" / "outputs.csv", keep_default_na=False)
+    assert df["Status"].tolist() == ["ok", "no_patches", "no_patches"]
+    assert (m["n"], m["n_answered"], m["n_skipped_no_patches"], m["n_skipped_no_features"]) == (3, 1, 2, 0)
+    assert m["skipped_slides_no_patches"] == ["SLIDE-EMPTY"] and m["accuracy"] <= 1 / 3
+    assert "2 skipped: store without patches" in summary_lines(m)[0]
+    # `slidechat score` on these outputs sees the same skips
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "e" / "outputs.csv"),
+                "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["n_skipped_no_patches"] == 2
+
+
+def test_damaged_store_is_refused_by_evaluate(model_dir, bench_setup, tmp_path, capsys):
+    bench_csv, feats = bench_setup
+    copy = tmp_path / "features"
+    shutil.copytree(feats, copy)
+    (copy / "SLIDE-A.zarr" / "coords" / "c" / "0" / "0").unlink()  # coords would read (0, 0)
+    rc = cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(copy), "--model", str(model_dir),
+              "--out-dir", str(tmp_path / "e"), "--max-new-tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{copy / 'SLIDE-A.zarr'}: damaged feature store of slide SLIDE-A: coords rows 0..39 differ" in err
+    assert not (tmp_path / "e" / "metrics.json").exists()

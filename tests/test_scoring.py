@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import pandas as pd
 import pytest
 
-from slidechat.benchmarks_io import load_benchmark
+from slidechat.benchmarks_io import TCGA_COLUMNS, BenchmarkFormatError, load_benchmark
 from slidechat.cli import main as cli
 from slidechat.scoring import bootstrap_ci, caption_metrics, extract_answer, score_outputs
 
@@ -101,8 +101,8 @@ def test_true_answer_for_a_subset_and_unparsable(slidebench):
     n_correct = len(range(0, len(raw), 3))
     assert m["n_answered"] == n_answered and m["n_missing_output"] == len(raw) - n_answered
     assert m["correct"] == n_correct
-    assert m["accuracy"] == pytest.approx(n_correct / n_answered)
-    assert m["accuracy_all"] == pytest.approx(n_correct / len(raw))
+    assert m["accuracy"] == pytest.approx(n_correct / len(raw))  # headline: no output counts as wrong
+    assert m["accuracy_answered"] == pytest.approx(n_correct / n_answered)
     assert m["unparsable"] == sum(i % 3 == 2 and i % 7 == 0 for i in range(len(raw)))
     lo, hi = m["accuracy_ci95"]
     assert lo < m["accuracy"] < hi
@@ -119,9 +119,9 @@ def test_skipped_questions_are_counted_not_dropped(slidebench):
     first_slide = raw[0]["slide_id"]
     skipped = [str(i) for i, s in enumerate(raw) if s["slide_id"] == first_slide]
     outputs = {str(i): s["answer"] for i, s in enumerate(raw) if str(i) not in skipped}
-    m = score_outputs(bench, outputs, skipped_no_features=skipped, n_boot=50)
+    m = score_outputs(bench, outputs, skipped=dict.fromkeys(skipped, "no_features"), n_boot=50)
     assert m["n"] == 1494 and m["n_skipped_no_features"] == len(skipped) > 0
-    assert m["accuracy"] == 1.0 and m["accuracy_all"] == pytest.approx((1494 - len(skipped)) / 1494)
+    assert m["accuracy_answered"] == 1.0 and m["accuracy"] == pytest.approx((1494 - len(skipped)) / 1494)
 
 
 def test_score_cli_on_original_tool_outputs(tmp_path, slidebench):
@@ -173,3 +173,51 @@ def test_open_ended_wsi_bench_scored_as_captions(vlm_data):
     assert cap["n"] == len(bench.items) and cap["n_answered"] == 10
     assert cap["corpus"]["rougeL"] == pytest.approx(100.0)
     assert m["n"] == 0 and m["accuracy"] is None
+
+
+def _bench_csv(path, answers):
+    rows = [{"ID": i, "Slide": f"S{i % 2}", "Tumor": "T", "Broad Category": "Diagnosis", "Narrow Category": "N",
+             "Question": f"q{i}?", "A": "a", "B": "b", "C": "c", "D": "d", "Answer": a} for i, a in enumerate(answers)]
+    pd.DataFrame(rows, columns=TCGA_COLUMNS).to_csv(path, index=False)
+    return path
+
+
+def test_duplicate_ids_in_outputs_are_an_error(tmp_path, capsys):
+    bench = _bench_csv(tmp_path / "b.csv", "ABCA")
+    pd.DataFrame({"ID": [0, 1, 2, 3, 1], "Output": ["A", "B", "C", "A", "D"]}).to_csv(tmp_path / "o.csv", index=False)
+    rc = cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"), "--out", str(tmp_path / "m.json")])
+    assert rc == 2 and "question ID(s) 1 appear in more than one row" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    _bench_csv(tmp_path / "dup.csv", "AB")
+    df = pd.read_csv(tmp_path / "dup.csv")
+    df["ID"] = [7, 7]
+    df.to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(BenchmarkFormatError, match="question id\\(s\\) 7 appear more than once"):
+        load_benchmark(tmp_path / "dup.csv")
+
+
+def test_short_outputs_count_missing_as_wrong(tmp_path, capsys):
+    bench = _bench_csv(tmp_path / "b.csv", "ABCDABCDAB")
+    pd.DataFrame({"ID": [0, 1, 2, 3], "Output": ["A", "B", "C", "A"]}).to_csv(tmp_path / "o.csv", index=False)
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
+                "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["n"], m["n_answered"], m["n_missing_output"], m["correct"]) == (10, 4, 6, 3)
+    assert m["accuracy"] == pytest.approx(0.3) and m["accuracy_answered"] == pytest.approx(0.75)
+    out = capsys.readouterr().out
+    assert "accuracy 30.0%" in out and "the 6 without an answer counted wrong" in out
+    assert "6 missing from the outputs" in out and "75.0% over the 4 answered" in out
+
+
+def test_answer_not_among_choices_is_reported(tmp_path, capsys):
+    bench = _bench_csv(tmp_path / "b.csv", ["A", "E", "B", "", "C"])
+    assert [it.answer for it in load_benchmark(bench).items] == ["A", None, "B", None, "C"]
+    pd.DataFrame({"ID": range(5), "Output": ["A", "E", "B", "A", "D"]}).to_csv(tmp_path / "o.csv", index=False)
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
+                "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n_answer_not_in_choices"] == 2 and [d["id"] for d in m["answer_not_in_choices"]] == ["1", "3"]
+    assert m["answer_not_in_choices"][0]["answer"] == "E"
+    assert (m["n"], m["correct"], m["accuracy"]) == (3, 2, pytest.approx(2 / 3))  # scored over the 3 valid items
+    assert "2 benchmark item(s) left out of scoring: their answer is not among their choices (ids 1, 3)" in (
+        capsys.readouterr().out)

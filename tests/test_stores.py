@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -16,6 +18,7 @@ from preprocessing.stores import (
     import_csv,
     import_csv_main,
     load_features,
+    seal_store,
     write_h5_store,
     write_zarr_store,
 )
@@ -64,6 +67,8 @@ def test_partial_store_markers(data, tmp_path):
     again = PartialZarrStore(tmp_path / ".s.partial.zarr")  # as after a restart
     assert again.done_chunks() == {2} and again.marker_infos() == {2: {"errors": [{"index": 20}]}}
     np.testing.assert_array_equal(np.asarray(again.group["features"][20:30]), feats[20:30])
+    with pytest.raises(StoreError, match=r"chunks \[0, 1, 3\] were never written"):
+        again.seal()
 
 
 def test_h5_layout_drops_invalid_rows_and_lists_them(data, tmp_path):
@@ -135,7 +140,9 @@ def test_csv_cli_commands_and_conversion(data, tmp_path, capsys):
     assert fs.attrs["encoder"] == "e2"
     h5 = convert_store(store, tmp_path / "c" / "s.h5")
     np.testing.assert_array_equal(load_features(h5).features, feats[valid])
-    assert export_csv_main([str(tmp_path / "missing.zarr"), str(tmp_path / "m.csv")]) == 1
+    from preprocessing.__main__ import main as preprocessing_cli
+
+    assert preprocessing_cli(["export-csv", str(tmp_path / "missing.zarr"), str(tmp_path / "m.csv")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -143,3 +150,151 @@ def test_unknown_store_type(tmp_path):
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(StoreError, match="unknown feature store type"):
         load_features(tmp_path / "x.parquet")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stores prove they are complete when read
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def sealed(data, tmp_path):
+    """A 37-row Zarr store in chunks of 8 rows (blocks 0..7, 8..15, 16..23, 24..31, 32..36)."""
+    feats, coords, valid = data
+    return write_zarr_store(tmp_path / "S1.zarr", feats, coords, valid, {"slide_id": "S1"}, dtype="float32", chunk_rows=8)
+
+
+def _flip(path, offset):
+    b = bytearray(path.read_bytes())
+    b[offset] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def test_lost_or_changed_chunks_are_refused_naming_rows(sealed, data):
+    feats, coords, valid = data
+    before = load_features(sealed)
+    np.testing.assert_array_equal(before.features, feats[valid])  # an undamaged store reads as written
+    chunk = sealed / "features" / "c" / "1" / "0"
+    saved = chunk.read_bytes()
+    chunk.unlink()  # Zarr would silently return zeros for rows 8..15
+    with pytest.raises(StoreError) as e:
+        load_features(sealed)
+    msg = str(e.value)
+    assert str(sealed) in msg and "features rows 8..15 differ" in msg and "re-run feature extraction for slide S1" in msg
+    chunk.write_bytes(saved)
+    _flip(chunk, len(saved) // 2)  # still decodes, other values
+    with pytest.raises(StoreError, match=r"features rows 8\.\.15 differ"):
+        load_features(sealed)
+    _flip(chunk, 5)  # the zstd frame header: no longer decodes
+    with pytest.raises(StoreError, match=r"features rows 8\.\.15 cannot be decoded"):
+        load_features(sealed)
+    chunk.write_bytes(saved)
+    (sealed / "valid" / "c" / "4").unlink()  # rows 32..36 would silently drop out
+    with pytest.raises(StoreError, match=r"valid rows 32\.\.36 differ"):
+        load_features(sealed)
+
+
+def test_lost_coords_chunk_is_refused(sealed):
+    (sealed / "coords" / "c" / "0" / "0").unlink()  # all coords would read (0, 0)
+    with pytest.raises(StoreError, match=r"S1\.zarr: damaged feature store of slide S1: coords rows 0\.\.36 differ"):
+        load_features(sealed)
+
+
+def test_nan_features_are_refused_naming_rows(sealed, data, tmp_path):
+    import zarr
+
+    g = zarr.open_group(str(sealed), mode="r+")
+    g["features"][5, 3] = np.nan
+    with pytest.raises(StoreError, match=r"features rows 0\.\.7 differ"):
+        load_features(sealed)  # our store: the checksum no longer matches
+    feats, coords, valid = data
+    bad = feats.copy()
+    bad[[4, 9]] = np.inf
+    with h5py.File(tmp_path / "clam.h5", "w") as f:  # another tool's H5: no checksums, values still checked
+        f.create_dataset("features", data=bad)
+        f.create_dataset("coords", data=coords)
+    with pytest.raises(StoreError, match=r"clam\.h5: 2 patch row\(s\) of slide clam hold NaN/inf features \(rows 4, 9\)"):
+        load_features(tmp_path / "clam.h5")
+    df = pd.DataFrame(bad[:6], columns=[str(i) for i in range(bad.shape[1])])
+    df.to_csv(tmp_path / "sc.csv", index=False)
+    with pytest.raises(StoreError, match=r"sc\.csv: 1 patch row\(s\) of slide sc hold NaN/inf features \(rows 4\)"):
+        load_features(tmp_path / "sc.csv")
+
+
+def test_our_h5_store_is_checked_too(data, tmp_path):
+    feats, coords, valid = data
+    out = write_h5_store(tmp_path / "S2.h5", feats, coords, valid, {"format": "wsi-slidechat-features", "slide_id": "S2"})
+    np.testing.assert_array_equal(load_features(out).features, feats[valid])
+    with h5py.File(out, "r+") as f:
+        f["features"][30, 0] += 1.0
+    with pytest.raises(StoreError, match=r"S2\.h5: damaged feature store of slide S2: features rows 0\.\.34 differ"):
+        load_features(out)
+    out = write_h5_store(tmp_path / "S3.h5", feats, coords, valid, {"format": "wsi-slidechat-features"})
+    with h5py.File(out, "r+") as f:  # rows cut off
+        x, xy = f["features"][:20], f["coords"][:20]
+        del f["features"], f["coords"]
+        f["features"], f["coords"] = x, xy
+    with pytest.raises(StoreError, match="features has 20 rows, 35 were written"):
+        load_features(out)
+
+
+def test_other_tools_h5_shapes_are_checked(tmp_path):
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f.create_dataset("features", data=np.ones((5, 8), np.float32))
+        f.create_dataset("coords", data=np.arange(15).reshape(5, 3))
+    with pytest.raises(StoreError, match=r"coords have shape \(5, 3\)"):
+        load_features(tmp_path / "t.h5")
+
+
+def test_zero_patch_stores_read_as_empty(tmp_path):
+    empty = np.zeros((0, 2), np.int64)
+    for out in (write_zarr_store(tmp_path / "E.zarr", np.zeros((0, 16)), empty, None, {}),
+                write_h5_store(tmp_path / "E.h5", np.zeros((0, 16)), empty, None, {})):
+        fs = load_features(out)
+        assert fs.features.shape == (0, 16) and len(fs) == 0
+
+
+def test_chunk_lost_before_finalize_is_caught(data, tmp_path):
+    feats, coords, valid = data
+    p = PartialZarrStore.create(tmp_path / ".s.partial.zarr", coords, 16, "float32", 10, {"slide_id": "s"})
+    for i in range(p.n_chunks):
+        p.write_chunk(i, feats[i * 10:(i + 1) * 10], valid[i * 10:(i + 1) * 10])
+    (tmp_path / ".s.partial.zarr" / "features" / "c" / "2" / "0").unlink()  # e.g. a disk problem before the end
+    final = p.finalize(tmp_path / "s.zarr", {"n_valid": int(valid.sum())})
+    with pytest.raises(StoreError, match=r"features rows 20\.\.29 differ"):
+        load_features(final)
+
+
+def test_older_store_is_refused_until_sealed(sealed, data, tmp_path, capsys):
+    import zarr
+
+    from preprocessing.__main__ import main as preprocessing_cli
+
+    feats, coords, valid = data
+    g = zarr.open_group(str(sealed), mode="r+")
+    g.attrs.update({"n_valid": int(valid.sum())})
+    del g.attrs["integrity"]  # as written before stores carried checksums
+    with pytest.raises(StoreError, match=r"without an integrity record.*seal-store"):
+        load_features(sealed)
+    damaged = tmp_path / "old" / "S1.zarr"
+    shutil.copytree(sealed, damaged)
+    (damaged / "features" / "c" / "2" / "0").unlink()
+    assert preprocessing_cli(["seal-store", str(sealed), str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"refused: {damaged}" in err and "rows 16..23" in err and "1 of 2 store(s) could not be sealed" in err
+    np.testing.assert_array_equal(load_features(sealed).features, feats[valid])  # sealed now, values unchanged
+    with pytest.raises(StoreError, match="without an integrity record"):
+        load_features(damaged)
+    (sealed / "coords" / "c" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match=r"coords rows 0\.\.36 differ"):
+        load_features(sealed)
+
+
+def test_older_store_with_nan_is_not_sealed(data, tmp_path):
+    import zarr
+
+    feats, coords, valid = data
+    out = write_zarr_store(tmp_path / "S4.zarr", feats, coords, valid, {}, dtype="float32", chunk_rows=8)
+    g = zarr.open_group(str(out), mode="r+")
+    g["features"][6, 1] = np.nan
+    del g.attrs["integrity"]
+    with pytest.raises(StoreError, match=r"hold NaN/inf features \(rows 6\)"):
+        seal_store(out)
