@@ -123,9 +123,13 @@ class AssemblyReport:
         return self.missing_features + self.no_patches
 
     def missing_fraction(self) -> float:
-        """Share of the records that needed features (well-formed, not removed for leakage) left without."""
+        """Share of the records that needed features (well-formed, not removed for leakage) whose slide has no store.
+
+        Empty stores (no tissue on the slide) are a recorded skip, not a mapping or extraction failure, so
+        they are listed in the manifest but do not count here.
+        """
         needed = len(self.kept) + len(self.unusable())
-        return len(self.unusable()) / needed if needed else 0.0
+        return len(self.missing_features) / needed if needed else 0.0
 
 
 def _check_stores(stores: Iterable[Path]) -> tuple[dict[Path, int], dict[Path, str]]:
@@ -220,10 +224,9 @@ def _refuse_losses(report: AssemblyReport, out: Path, settings: BuildSettings) -
                          f"(slides looked for: {_listed(r['slide_id'] for r in report.unusable())})")
     if report.missing_fraction() > settings.max_missing_fraction:
         raise InputError(
-            f"{out}: {len(report.unusable())} record(s) ({100 * report.missing_fraction():.1f}%, more than "
-            f"--max-missing-fraction {settings.max_missing_fraction:g}) have no usable features; slides without a "
-            f"store: {_listed(r['slide_id'] for r in report.missing_features) or 'none'}; slides with an empty "
-            f"store: {_listed(r['slide_id'] for r in report.no_patches) or 'none'}. Extract them, fix "
+            f"{out}: {len(report.missing_features)} record(s) ({100 * report.missing_fraction():.1f}%, more than "
+            f"--max-missing-fraction {settings.max_missing_fraction:g}) have no feature store; slides without a "
+            f"store: {_listed(r['slide_id'] for r in report.missing_features)}. Extract them, fix "
             f"--slide-map, or raise --max-missing-fraction (1 builds anyway)")
 
 
