@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -50,7 +50,7 @@ class TilingParams:
     patch_size: int = field(default=224, metadata={"help": "patch side in px at target_mpp"})
     stride: int | None = field(default=None, metadata={
         "help": "grid step in px at target_mpp; None = patch_size (no overlap)"})
-    min_tissue_fraction: float = field(default=0.1, metadata={
+    min_tissue_fraction: float = field(default=0.15, metadata={
         "help": "fraction rule: keep a patch when at least this share of it is tissue on the mask (0 = any tissue); "
                 "trident rule: TRIDENT's min_tissue_proportion"})
     rule: str = field(default="fraction", metadata={
@@ -61,7 +61,8 @@ class TilingParams:
         "help": "clam rule: CLAM's contour check (four_pt: any of 4 points inside; four_pt_hard: all 4; center; "
                 "basic: the top-left corner)"})
     use_padding: bool = field(default=True, metadata={
-        "help": "clam rule: patches may run past the slide edge (CLAM's use_padding)"})
+        "help": "patches may run past the slide edge, so tissue touching the edge is kept; the part past the edge "
+                "reads as background and counts as such in the tissue fraction (CLAM's use_padding; TRIDENT always)"})
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -138,17 +139,24 @@ class PatchGeometry:
         return cls(level, (dx, dy), read_size, size0, step0)
 
 
-def grid_coords(level0_size: tuple[int, int], geom: PatchGeometry) -> np.ndarray:
-    """All grid positions (x, y) whose patch lies fully inside the slide, row-major."""
+def grid_coords(level0_size: tuple[int, int], geom: PatchGeometry, pad_edges: bool = False) -> np.ndarray:
+    """Grid positions (x, y), row-major: those whose patch lies fully inside the slide, or with `pad_edges`
+    every position that starts inside it (the last row and column then run past the edge)."""
     w0, h0 = level0_size
     sx, sy = geom.step_level0_xy
     pw, ph = geom.patch_size_level0_xy
-    nx = max(0, math.floor((w0 - pw) / sx) + 1) if w0 >= pw else 0
-    ny = max(0, math.floor((h0 - ph) / sy) + 1) if h0 >= ph else 0
+    if pad_edges:
+        nx, ny = math.ceil(w0 / sx), math.ceil(h0 / sy)
+    else:
+        nx = max(0, math.floor((w0 - pw) / sx) + 1) if w0 >= pw else 0
+        ny = max(0, math.floor((h0 - ph) / sy) + 1) if h0 >= ph else 0
     xs = np.round(np.arange(nx) * sx).astype(np.int64)
     ys = np.round(np.arange(ny) * sy).astype(np.int64)
-    xs = xs[xs + math.ceil(pw) <= w0 + 1]  # rounding must not push a patch past the edge
-    ys = ys[ys + math.ceil(ph) <= h0 + 1]
+    if pad_edges:
+        xs, ys = xs[xs < w0], ys[ys < h0]
+    else:
+        xs = xs[xs + math.ceil(pw) <= w0 + 1]  # rounding must not push a patch past the edge
+        ys = ys[ys + math.ceil(ph) <= h0 + 1]
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
@@ -255,7 +263,7 @@ def patches_on_tissue(
     """
     geom = PatchGeometry.for_slide(ws, params)
     if params.rule == "fraction":
-        coords = grid_coords(ws.dimensions, geom)
+        coords = grid_coords(ws.dimensions, geom, pad_edges=params.use_padding)
         frac = tissue_fractions(tissue, coords, geom.patch_size_level0_xy)
         keep = frac >= params.min_tissue_fraction if params.min_tissue_fraction > 0 else frac > 0
         return coords[keep], frac[keep], geom
@@ -334,26 +342,23 @@ def draw_patches(thumbnail_overlay: np.ndarray, coords: np.ndarray, level0_size:
 def tile_slide(
     slide_path: str | Path,
     out_dir: str | Path,
-    target_mpp: float | None = None,
-    patch_size: int | None = None,
-    min_tissue_fraction: float | None = None,
     preset: str | None = None,
     mpp: float | None = None,
-    stride: int | None = None,
     seg_dir: str | Path | None = None,
-    rule: str | None = None,
-    **seg_params: object,
+    **options: object,
 ) -> Path:
     """Segment (or reuse the mask in `seg_dir`) and tile one slide; returns `out_dir/<slide_id>.h5`.
 
-    Unset tiling values come from `preset` (or the preset recorded by the segmentation in `seg_dir`).
+    `options` are TilingParams and SegmentationParams fields by name; unset ones come from `preset` (or the
+    preset recorded by the segmentation in `seg_dir`).
     """
     preset = preset or recorded_preset(seg_dir, slide_id_from_path(slide_path))
-    params = make_tiling_params(preset, target_mpp=target_mpp, patch_size=patch_size, stride=stride,
-                                min_tissue_fraction=min_tissue_fraction, rule=rule)
+    tiling_names = {f.name for f in fields(TilingParams)}
+    params = make_tiling_params(preset, **{k: v for k, v in options.items() if k in tiling_names})
+    seg_params = make_params(preset, **{k: v for k, v in options.items() if k not in tiling_names})
     out_dir = Path(out_dir)
     with WholeSlide(slide_path, mpp_override=mpp) as ws:
-        summary = run_tiling(ws, params, out_dir, make_params(preset, **seg_params), seg_dir, preset)
+        summary = run_tiling(ws, params, out_dir, seg_params, seg_dir, preset)
     return Path(summary["coords"])
 
 

@@ -43,12 +43,14 @@ class SegmentationParams:
     seg_level: int | None = field(default=None, metadata={
         "help": "segment a whole pyramid level as stored instead of a seg_mpp thumbnail: a level index, or -1 for "
                 "CLAM's choice (the level OpenSlide picks for a 64x downsample)"})
-    sthresh: int | None = field(default=None, metadata={"help": "fixed saturation threshold 0-255; None = Otsu"})
+    sthresh: int | None = field(default=15, metadata={
+        "help": "fixed saturation threshold 0-255 (glass is below 5, faint stroma 15-50); None = Otsu, which on "
+                "sections with much pale stroma splits stroma from epithelium instead of tissue from glass"})
     min_saturation: int = field(default=15, metadata={
         "help": "floor under the Otsu threshold, so blank glass yields no tissue"})
-    median_kernel: int = field(default=7, metadata={"help": "median blur of the saturation (odd, px)"})
+    median_kernel: int = field(default=5, metadata={"help": "median blur of the saturation (odd, px)"})
     close_kernel: int = field(default=4, metadata={"help": "morphological closing kernel side (px); 0 = none"})
-    min_tissue_area_um2: float = field(default=20_000.0, metadata={
+    min_tissue_area_um2: float = field(default=2_000.0, metadata={
         "help": "tissue regions smaller than this (net of holes) are dropped (unit: area_unit)"})
     min_hole_area_um2: float = field(default=10_000.0, metadata={
         "help": "holes smaller than this are filled (unit: area_unit)"})
@@ -88,7 +90,14 @@ PRESETS: dict[str, dict[str, dict]] = {
     "clam": _clam_preset(sthresh=8, mthresh=7, close=4, a_t=16, a_h=4, max_n_holes=8),  # presets/tcga.csv
     "clam_bwh_biopsy": _clam_preset(sthresh=15, mthresh=11, close=2, a_t=1, a_h=1, max_n_holes=2),
     "clam_bwh_resection": _clam_preset(sthresh=15, mthresh=11, close=4, a_t=100, a_h=16, max_n_holes=8),
-    "trident": {"segmentation": dict(max_n_holes=0), "tiling": dict(rule="trident", min_tissue_fraction=0.0)},
+    # TRIDENT segments with a network (HEST, GrandQC) we do not ship: our thresholding with holes as tissue
+    # (TRIDENT's default), every value pinned here so the preset does not move with the defaults.
+    "trident": {
+        "segmentation": dict(seg_mpp=8.0, seg_level=None, sthresh=15, min_saturation=15, median_kernel=5,
+                             close_kernel=4, min_tissue_area_um2=2_000.0, min_hole_area_um2=10_000.0, max_n_holes=0,
+                             area_unit="um2", geometry="centred"),
+        "tiling": dict(rule="trident", min_tissue_fraction=0.0),
+    },
 }
 PRESETS["clam_tcga"] = PRESETS["clam"]  # the earlier name, kept as an alias
 
@@ -440,7 +449,7 @@ def add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
                         "clam_bwh_resection reproduce CLAM's create_patches_fp.py; trident reproduces TRIDENT's patching")
     g.add_argument("--seg-mpp", type=float, help="µm/px of the segmentation thumbnail (default 8)")
     g.add_argument("--seg-level", type=int, help="segment this pyramid level as stored (-1: CLAM's choice)")
-    g.add_argument("--sthresh", type=int, help="fixed saturation threshold 0-255 (default: Otsu)")
+    g.add_argument("--sthresh", type=int, help="fixed saturation threshold 0-255 (default 15; -1: Otsu)")
     g.add_argument("--min-saturation", type=int, help="floor under the Otsu threshold (default 15)")
     g.add_argument("--median-kernel", type=int)
     g.add_argument("--close-kernel", type=int)
@@ -456,7 +465,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         args.preset,
         seg_mpp=args.seg_mpp,
         seg_level=args.seg_level,
-        sthresh=args.sthresh,
+        sthresh=None if args.sthresh == -1 else args.sthresh,
         min_saturation=args.min_saturation,
         median_kernel=args.median_kernel,
         close_kernel=args.close_kernel,
