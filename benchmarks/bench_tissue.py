@@ -7,8 +7,9 @@ measured on one 8 µm/px grid per slide (the area-averaged thumbnail `WholeSlide
 grid pixel is covered when its centre lies inside a kept patch.
 
 Tissue:
-  real slides       S > max(Otsu(S), 15) where S is OpenCV's HSV saturation (0-255) of that thumbnail, pixel
-                    by pixel: no blur, no closing, no area filter (independent of every segmenter compared)
+  real slides       S > 8 where S is OpenCV's HSV saturation (0-255) of that thumbnail, pixel by pixel: no blur,
+                    no closing, no area filter. 8 is CLAM's tcga.csv sthresh; glass is S <= 3 on both slides.
+                    (Otsu on S, 48 on CMU, would call the pale dermis background.)
   synthetic cohort  the scene's own tissue (preprocessing.synthetic.Scene.tissue), known exactly
 
 Methods: `default` (this package's defaults), `clam` (--preset clam: CLAM's tcga.csv, a_t = 16), `clam a_t=1`
@@ -43,7 +44,8 @@ SLIDES = REPO.parent / "shared" / "slides"
 REAL = [("CMU-1-Small-Region", SLIDES / "CMU-1-Small-Region.svs", None),
         ("TCGA-CR-7395 (0.25 µm/px)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25)]
 GRID_MPP = 8.0
-OLD_DEFAULT = dict(geometry="clam", sthresh=None, median_kernel=7, min_tissue_area_um2=20_000, min_tissue_fraction=0.5,
+TISSUE_SATURATION = 8
+OLD_DEFAULT = dict(geometry="clam", sthresh=-1, median_kernel=7, min_tissue_area_um2=20_000, min_tissue_fraction=0.5,
                    use_padding=False)
 METHODS = {
     "default": {},
@@ -62,8 +64,7 @@ def reference_tissue(slide: Path, mpp: float | None) -> np.ndarray:
     """The plain saturation threshold described in the module docstring, on the 8 µm/px grid."""
     with WholeSlide(slide, mpp_override=mpp) as ws:
         sat = cv2.cvtColor(ws.thumbnail_at_mpp(GRID_MPP), cv2.COLOR_RGB2HSV)[:, :, 1]
-    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return sat > max(otsu, 15)
+    return sat > TISSUE_SATURATION
 
 
 def coverage(coords: np.ndarray, patch_level0: float, level0_size: tuple[int, int], grid_shape: tuple[int, int],

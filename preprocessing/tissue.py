@@ -44,7 +44,7 @@ class SegmentationParams:
         "help": "segment a whole pyramid level as stored instead of a seg_mpp thumbnail: a level index, or -1 for "
                 "CLAM's choice (the level OpenSlide picks for a 64x downsample)"})
     sthresh: int | None = field(default=15, metadata={
-        "help": "fixed saturation threshold 0-255 (glass is below 5, faint stroma 15-50); None = Otsu, which on "
+        "help": "fixed saturation threshold 0-255 (glass is below 5, faint stroma 15-50); None or -1 = Otsu, which on "
                 "sections with much pale stroma splits stroma from epithelium instead of tissue from glass"})
     min_saturation: int = field(default=15, metadata={
         "help": "floor under the Otsu threshold, so blank glass yields no tissue"})
@@ -65,6 +65,8 @@ class SegmentationParams:
         "help": "process a slide whose pixel size or size is implausible (refused otherwise, before any pixel is read)"})
 
     def __post_init__(self) -> None:
+        if self.sthresh == -1:
+            self.sthresh = None  # -1 asks for Otsu where None means "not given" (flags, config)
         if self.area_unit not in {"um2", "clam_ref_patch"}:
             raise ValueError(f"segmentation.area_unit must be 'um2' or 'clam_ref_patch', got {self.area_unit!r}")
         if self.geometry not in {"centred", "clam"}:
@@ -465,7 +467,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         args.preset,
         seg_mpp=args.seg_mpp,
         seg_level=args.seg_level,
-        sthresh=None if args.sthresh == -1 else args.sthresh,
+        sthresh=args.sthresh,
         min_saturation=args.min_saturation,
         median_kernel=args.median_kernel,
         close_kernel=args.close_kernel,
