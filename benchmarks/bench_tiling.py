@@ -31,13 +31,13 @@ sys.path.insert(0, str(REPO))
 def ours(slide: str, out_dir: str, queue: mp.Queue) -> None:
     """Segmentation + patch selection, the same work the naive function does (no output files)."""
     from preprocessing.slide import WholeSlide
-    from preprocessing.tiling import TilingParams, select_patches
+    from preprocessing.tiling import TilingParams, patches_on_tissue
     from preprocessing.tissue import SegmentationParams, segment_slide_object
 
     t0 = time.perf_counter()
     with WholeSlide(slide) as ws:
         result = segment_slide_object(ws, SegmentationParams())
-        coords, _, _ = select_patches(ws, result.tissue, TilingParams())
+        coords, _, _ = patches_on_tissue(ws, result.tissue, TilingParams())
     elapsed = time.perf_counter() - t0
     queue.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(coords)))
 

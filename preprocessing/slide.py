@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -30,6 +29,21 @@ class SlideError(InputError, RuntimeError):
 
 class MissingMppError(SlideError):
     """The slide does not record its pixel size and no override was given."""
+
+
+class UnusualSlideError(SlideError):
+    """The slide claims a pixel size or a size outside what a real scan (or its file) can have."""
+
+
+# Plausible level-0 pixel sizes: from beyond 100x scans to a 0.5x overview.
+MPP_RANGE = (0.05, 20.0)
+# No scanner writes a level-0 side beyond this (a 75 mm slide at 0.17 µm/px is 440,000 px).
+MAX_LEVEL0_SIDE = 500_000
+# Level-0 pixels one byte of a single-file slide can hold. Blank JPEG tiles need ~0.01 byte/px
+# (~100 px/byte); a file claiming far more pixels than this per byte cannot contain them.
+MAX_PIXELS_PER_BYTE = 2_000
+# Formats whose pixels live in companion files, so the opened file's size says nothing.
+_MULTI_FILE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")
 
 
 def slide_id_from_path(path: str | Path) -> str:
@@ -107,6 +121,35 @@ class WholeSlide:
             raise SlideError(f"slide {self.slide_id}: mpp override must be a positive number, got {mpp_override}")
         self.mpp_source = "override" if mpp_override is not None else "metadata"
         self._mpp = (float(mpp_override), float(mpp_override)) if mpp_override else mpp_from_properties(self.properties)
+
+    def check_plausible(self) -> None:
+        """Refuse, before any pixel is read, a pixel size or level-0 size no real scan has.
+
+        Raises `UnusualSlideError` naming the slide, the claim and the override (`--allow-unusual-slide`).
+        A slide without a pixel size passes here; asking for it later raises `MissingMppError`.
+        """
+        override = "or pass --allow-unusual-slide (config segmentation.allow_unusual_slide) to process it anyway"
+        if self._mpp is not None:
+            lo, hi = MPP_RANGE
+            if not all(lo <= m <= hi for m in self._mpp):
+                raise UnusualSlideError(
+                    f"slide {self.slide_id}: level-0 pixel size {self._mpp[0]:.4g} µm/px ({self.mpp_source}) is outside "
+                    f"the plausible {lo:g}-{hi:g} µm/px; set the right value in mpp_overrides, {override}"
+                )
+        w0, h0 = self.dimensions
+        if max(w0, h0) > MAX_LEVEL0_SIDE:
+            raise UnusualSlideError(
+                f"slide {self.slide_id}: claims {w0} x {h0} px at level 0, beyond the {MAX_LEVEL0_SIDE:,} px any scanner "
+                f"writes; the file is damaged or not a slide, {override}"
+            )
+        if self.path.is_file() and not self.path.name.lower().endswith(_MULTI_FILE_SUFFIXES):
+            n_bytes = self.path.stat().st_size
+            if w0 * h0 > MAX_PIXELS_PER_BYTE * n_bytes:
+                raise UnusualSlideError(
+                    f"slide {self.slide_id}: claims {w0} x {h0} px at level 0 in a file of {n_bytes:,} bytes "
+                    f"({w0 * h0 / max(n_bytes, 1):,.0f} px per byte; real scans hold under {MAX_PIXELS_PER_BYTE:,}); "
+                    f"the file is damaged or not a slide, {override}"
+                )
 
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -190,6 +233,14 @@ class WholeSlide:
             ) from exc
         return composite_on_background(rgba, self.background)
 
+    def read_level(self, level: int) -> np.ndarray:
+        """The whole of `level` in one read, pixel for pixel (no resampling); callers bound its size."""
+        return self.read_region((0, 0), level, self.level_dimensions[level])
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """OpenSlide's choice: the coarsest level whose (rounded mean) downsample is below `downsample`."""
+        return self._osr.get_best_level_for_downsample(downsample)
+
     def read_region_at_mpp(
         self, xy_level0: tuple[int, int], size: tuple[int, int], target_mpp: float, level: int | None = None
     ) -> np.ndarray:
@@ -268,11 +319,3 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     shrinking = size[0] < w or size[1] < h
     return cv2.resize(image, tuple(int(s) for s in size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
-
-
-def iter_slides(folder: str | Path, extensions: tuple[str, ...]) -> Iterator[Path]:
-    """Slide files in `folder` with one of `extensions` (case-insensitive), sorted."""
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    for p in sorted(Path(folder).iterdir()):
-        if p.is_file() and p.name.lower().endswith(exts):
-            yield p

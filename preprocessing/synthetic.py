@@ -72,12 +72,18 @@ class Scene:
             blobs.append((cx, cy, rx, ry, rng.uniform(0, math.pi)))
         return cls(width, height, APPEARANCES[class_name], seed, blobs)
 
-    def render(self, x0: float, y0: float, w: int, h: int, ds: float = 1.0) -> np.ndarray:
-        """RGB uint8 (h, w, 3): pixel (i, j) shows level-0 point (x0 + (j + .5) ds, y0 + (i + .5) ds)."""
+    def tissue(self, x0: float, y0: float, w: int, h: int, ds: float = 1.0) -> np.ndarray:
+        """Bool (h, w): whether the level-0 point of pixel (i, j) (as in `render`) lies in a tissue blob."""
+        X, Y = self._grid(x0, y0, w, h, ds)
+        return self._tissue(X, Y, x0, y0, w, h, ds)
+
+    @staticmethod
+    def _grid(x0: float, y0: float, w: int, h: int, ds: float) -> tuple[np.ndarray, np.ndarray]:
         xs = x0 + (np.arange(w, dtype=np.float32) + 0.5) * ds
         ys = y0 + (np.arange(h, dtype=np.float32) + 0.5) * ds
-        X, Y = np.meshgrid(xs, ys)
-        app = self.appearance
+        return np.meshgrid(xs, ys)
+
+    def _tissue(self, X: np.ndarray, Y: np.ndarray, x0: float, y0: float, w: int, h: int, ds: float) -> np.ndarray:
         tissue = np.zeros((h, w), bool)
         x_end, y_end = x0 + w * ds, y0 + h * ds
         for cx, cy, rx, ry, ang in self.blobs:
@@ -90,6 +96,13 @@ class Scene:
             theta = np.arctan2(v, u)
             edge = 1.0 + 0.08 * np.sin(5 * theta + cx) + 0.05 * np.sin(11 * theta + cy)
             tissue |= (u * u + v * v) < edge * edge
+        return tissue
+
+    def render(self, x0: float, y0: float, w: int, h: int, ds: float = 1.0) -> np.ndarray:
+        """RGB uint8 (h, w, 3): pixel (i, j) shows level-0 point (x0 + (j + .5) ds, y0 + (i + .5) ds)."""
+        X, Y = self._grid(x0, y0, w, h, ds)
+        app = self.appearance
+        tissue = self._tissue(X, Y, x0, y0, w, h, ds)
         img = np.broadcast_to(BACKGROUND, (h, w, 3)).copy()
         if not tissue.any():
             return _add_noise(img, self.seed, x0, y0, ds)
@@ -225,17 +238,11 @@ def make_demo_slides(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    plan = [(c, "train") for c in classes for _ in range(train_per_class)]
-    plan += [(c, "test") for c in classes for _ in range(test_per_class)]
-    order = rng.permutation(len(plan))
     rows, jobs = [], []
-    for index, k in enumerate(order):
-        class_name, split = plan[k]
-        slide_id = f"demo-{index:03d}"
+    for slide_id, class_name, split, slide_seed in _demo_plan(train_per_class, test_per_class, seed, classes):
         path = out_dir / f"{slide_id}.svs"
         if not path.exists():
-            jobs.append((path, size, class_name, seed * 1000 + index))
+            jobs.append((path, size, class_name, slide_seed))
         rows.append({"slide_id": slide_id, "path": str(path), "class_name": class_name, "split": split, "mpp": 0.25})
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -249,6 +256,25 @@ def make_demo_slides(
         writer.writeheader()
         writer.writerows(rows)
     return labels
+
+
+def _demo_plan(
+    train_per_class: int, test_per_class: int, seed: int, classes: tuple[str, ...]
+) -> list[tuple[str, str, str, int]]:
+    """(slide_id, class_name, split, scene seed) of each demo slide, in slide-id order."""
+    rng = np.random.default_rng(seed)
+    plan = [(c, "train") for c in classes for _ in range(train_per_class)]
+    plan += [(c, "test") for c in classes for _ in range(test_per_class)]
+    order = rng.permutation(len(plan))
+    return [(f"demo-{index:03d}", *plan[k], seed * 1000 + index) for index, k in enumerate(order)]
+
+
+def demo_scenes(
+    train_per_class: int = 6, test_per_class: int = 3, size: int = 4096, seed: int = 0, classes: tuple[str, ...] = CLASSES
+) -> list[tuple[str, str, Scene]]:
+    """(slide_id, class_name, scene) of the slides `make_demo_slides` writes with the same arguments."""
+    return [(slide_id, class_name, Scene.random(size, size, class_name, seed=slide_seed))
+            for slide_id, class_name, _, slide_seed in _demo_plan(train_per_class, test_per_class, seed, classes)]
 
 
 def _write_demo_slide(job: tuple[Path, int, str, int]) -> None:

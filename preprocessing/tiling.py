@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -22,13 +22,15 @@ import numpy as np
 
 from preprocessing import __version__
 from wsicore.files import atomic_path, write_json
-from preprocessing.slide import SlideError, WholeSlide
+from preprocessing.slide import SlideError, WholeSlide, slide_id_from_path
 from preprocessing.tissue import (
     SegmentationParams,
     TissueMask,
     add_segmentation_arguments,
+    load_tissue_polygons,
     make_params,
     params_from_args,
+    preset_values,
     save_rgb_png,
     segment_slide_object,
     segmentation_paths,
@@ -39,28 +41,64 @@ log = logging.getLogger("preprocessing.tiling")
 
 # Patches are resampled from the scan; inventing more than this much resolution is refused.
 MAX_UPSAMPLE = 2.0
+TILING_RULES = ("fraction", "clam", "trident")
+CLAM_CONTOUR_FNS = ("four_pt", "four_pt_hard", "center", "basic")
 
 
 @dataclass
 class TilingParams:
     """Tiling settings (config section `tiling`)."""
 
-    target_mpp: float = 0.5
-    patch_size: int = 224
-    stride: int | None = None  # at the target resolution; default = patch_size (no overlap)
-    min_tissue_fraction: float = 0.5
+    target_mpp: float = field(default=0.5, metadata={"help": "µm/px of the patches (0.5 ≈ 20x)"})
+    patch_size: int = field(default=224, metadata={"help": "patch side in px at target_mpp"})
+    stride: int | None = field(default=None, metadata={
+        "help": "grid step in px at target_mpp; None = patch_size (no overlap)"})
+    min_tissue_fraction: float = field(default=0.15, metadata={
+        "help": "fraction rule: keep a patch when at least this share of it is tissue on the mask (0 = any tissue); "
+                "trident rule: TRIDENT's min_tissue_proportion"})
+    rule: str = field(default="fraction", metadata={
+        "help": "'fraction': one grid from level-0 (0, 0), patches inside the slide, tissue share on the mask; "
+                "'clam': CLAM's create_patches_fp (a grid per contour bounding box, contour_fn test, holes); "
+                "'trident': TRIDENT's grid from (0, 0) and any patch touching the (simplified) tissue polygons"})
+    contour_fn: str = field(default="four_pt", metadata={
+        "help": "clam rule: CLAM's contour check (four_pt: any of 4 points inside; four_pt_hard: all 4; center; "
+                "basic: the top-left corner)"})
+    use_padding: bool = field(default=True, metadata={
+        "help": "patches may run past the slide edge, so tissue touching the edge is kept; the part past the edge "
+                "reads as background and counts as such in the tissue fraction (CLAM's use_padding; TRIDENT always)"})
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
             raise ValueError(f"tiling.target_mpp must be > 0, got {self.target_mpp}")
         if self.patch_size < 1:
             raise ValueError(f"tiling.patch_size must be >= 1, got {self.patch_size}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"tiling.stride must be >= 1, got {self.stride}")
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ValueError(f"tiling.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}")
+        if self.rule not in TILING_RULES:
+            raise ValueError(f"tiling.rule must be one of {TILING_RULES}, got {self.rule!r}")
+        if self.contour_fn not in CLAM_CONTOUR_FNS:
+            raise ValueError(f"tiling.contour_fn must be one of {CLAM_CONTOUR_FNS}, got {self.contour_fn!r}")
 
     @property
     def step(self) -> int:
         return self.stride or self.patch_size
+
+
+def make_tiling_params(preset: str | None = None, **overrides: object) -> TilingParams:
+    """Tiling parameters from a preset name plus explicit overrides (None values are ignored)."""
+    values = preset_values(preset, "tiling")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TilingParams(**values)
+
+
+def trident_magnification(mpp: float) -> int:
+    """TRIDENT's magnification for a level-0 pixel size (WSI._fetch_magnification's buckets)."""
+    for limit, mag in ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5)):
+        if mpp < limit:
+            return mag
+    raise ValueError(f"TRIDENT refuses a level-0 pixel size of {mpp:g} µm/px (>= 2.4)")
 
 
 @dataclass
@@ -70,7 +108,7 @@ class PatchGeometry:
     read_level: int
     read_downsample_xy: tuple[float, float]
     read_size: int  # px of one patch at the read level
-    patch_size_level0_xy: tuple[float, float]  # exact level-0 extent (float)
+    patch_size_level0_xy: tuple[float, float]  # level-0 extent (integers for the clam and trident rules)
     step_level0_xy: tuple[float, float]
 
     @classmethod
@@ -86,49 +124,157 @@ class PatchGeometry:
         size0 = (params.patch_size * params.target_mpp / ws.mpp_x, params.patch_size * params.target_mpp / ws.mpp_y)
         step0 = (params.step * params.target_mpp / ws.mpp_x, params.step * params.target_mpp / ws.mpp_y)
         read_size = max(1, round(size0[0] / dx))
+        if params.rule == "clam":
+            # CLAM: patch_size and step_size px at patch_level, times int(level downsample) at level 0
+            read_step = max(1, round(step0[0] / dx))
+            size0 = (read_size * int(dx), read_size * int(dy))
+            step0 = (read_step * int(dx), read_step * int(dy))
+        elif params.rule == "trident":
+            # TRIDENT: level-0 sizes from magnifications (10 / mpp buckets), rounded to whole pixels
+            try:
+                downsample = params.target_mpp / (10 / trident_magnification(ws.mpp_x))
+            except ValueError as exc:
+                raise SlideError(f"slide {ws.slide_id}: {exc}; use another tiling rule") from exc
+            side = round(params.patch_size * downsample)
+            step = side - round((params.patch_size - params.step) * downsample)
+            size0, step0 = (side, side), (step, step)
+            read_size = max(1, round(side / dx))
         return cls(level, (dx, dy), read_size, size0, step0)
 
 
-def grid_coords(level0_size: tuple[int, int], geom: PatchGeometry) -> np.ndarray:
-    """All grid positions (x, y) whose patch lies fully inside the slide, row-major."""
+def grid_coords(level0_size: tuple[int, int], geom: PatchGeometry, pad_edges: bool = False) -> np.ndarray:
+    """Grid positions (x, y), row-major: those whose patch lies fully inside the slide, or with `pad_edges`
+    every position that starts inside it (the last row and column then run past the edge)."""
     w0, h0 = level0_size
     sx, sy = geom.step_level0_xy
     pw, ph = geom.patch_size_level0_xy
-    nx = max(0, math.floor((w0 - pw) / sx) + 1) if w0 >= pw else 0
-    ny = max(0, math.floor((h0 - ph) / sy) + 1) if h0 >= ph else 0
+    if pad_edges:
+        nx, ny = math.ceil(w0 / sx), math.ceil(h0 / sy)
+    else:
+        nx = max(0, math.floor((w0 - pw) / sx) + 1) if w0 >= pw else 0
+        ny = max(0, math.floor((h0 - ph) / sy) + 1) if h0 >= ph else 0
     xs = np.round(np.arange(nx) * sx).astype(np.int64)
     ys = np.round(np.arange(ny) * sy).astype(np.int64)
-    xs = xs[xs + math.ceil(pw) <= w0 + 1]  # rounding must not push a patch past the edge
-    ys = ys[ys + math.ceil(ph) <= h0 + 1]
+    if pad_edges:
+        xs, ys = xs[xs < w0], ys[ys < h0]
+    else:
+        xs = xs[xs + math.ceil(pw) <= w0 + 1]  # rounding must not push a patch past the edge
+        ys = ys[ys + math.ceil(ph) <= h0 + 1]
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
 def tissue_fractions(tissue: TissueMask, coords: np.ndarray, patch_size_level0_xy: tuple[float, float]) -> np.ndarray:
-    """Fraction of each patch's footprint covered by tissue, from an integral image of the mask."""
+    """Fraction of each patch's footprint covered by tissue, from an integral image of the mask.
+
+    The part of a patch beyond the slide counts as background.
+    """
     if len(coords) == 0:
         return np.zeros(0, np.float64)
     scale_x, scale_y = tissue.scale_xy
     h, w = tissue.mask.shape
     integral = cv2.integral(tissue.mask.astype(np.uint8), sdepth=cv2.CV_64F)
-    x0 = np.clip(np.round(coords[:, 0] / scale_x).astype(np.int64), 0, w)
-    y0 = np.clip(np.round(coords[:, 1] / scale_y).astype(np.int64), 0, h)
-    x1 = np.clip(np.round((coords[:, 0] + patch_size_level0_xy[0]) / scale_x).astype(np.int64), 0, w)
-    y1 = np.clip(np.round((coords[:, 1] + patch_size_level0_xy[1]) / scale_y).astype(np.int64), 0, h)
-    x1 = np.maximum(x1, np.minimum(x0 + 1, w))
-    y1 = np.maximum(y1, np.minimum(y0 + 1, h))
+    x0 = np.round(coords[:, 0] / scale_x).astype(np.int64)
+    y0 = np.round(coords[:, 1] / scale_y).astype(np.int64)
+    x1 = np.maximum(np.round((coords[:, 0] + patch_size_level0_xy[0]) / scale_x).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.round((coords[:, 1] + patch_size_level0_xy[1]) / scale_y).astype(np.int64), y0 + 1)
     area = (x1 - x0) * (y1 - y0)
+    x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+    y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
     covered = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return np.where(area > 0, covered / np.maximum(area, 1), 0.0)
+    return covered / area
 
 
-def select_patches(ws: WholeSlide, tissue: TissueMask, params: TilingParams) -> tuple[np.ndarray, np.ndarray, PatchGeometry]:
-    """Kept coords (N, 2), their tissue fractions, and the patch geometry."""
+def clam_contour_coords(
+    polygons: list[tuple[np.ndarray, list[np.ndarray]]], geom: PatchGeometry, params: TilingParams,
+    level0_size: tuple[int, int],
+) -> np.ndarray:
+    """CLAM's process_contours: per contour, a grid from its bounding box; keep a position when the contour
+    check passes and the patch centre is not inside one of the contour's holes. CLAM's order (contour by
+    contour, x-major within a contour); a patch may appear twice when bounding boxes overlap, as in CLAM."""
+    ref_w, ref_h = (int(v) for v in geom.patch_size_level0_xy)
+    step_x, step_y = (int(v) for v in geom.step_level0_xy)
+    ref = ref_w  # CLAM checks contours with the x patch size on both axes
+    half, shift = ref // 2, int(ref // 2 * 0.5)
+    if params.contour_fn in ("four_pt", "four_pt_hard") and shift > 0:
+        offsets = [(-shift, -shift), (shift, shift), (shift, -shift), (-shift, shift)]
+    elif params.contour_fn == "basic":
+        offsets = [(-half, -half)]
+    else:
+        offsets = [(0, 0)]
+    need_all = params.contour_fn == "four_pt_hard"
+    w0, h0 = level0_size
+    kept: list[tuple[int, int]] = []
+    for outer, holes in polygons:
+        contour = outer.astype(np.int32).reshape(-1, 1, 2)
+        hole_contours = [h.astype(np.int32).reshape(-1, 1, 2) for h in holes]
+        start_x, start_y, w, h = cv2.boundingRect(contour)
+        stop_x, stop_y = start_x + w, start_y + h
+        if not params.use_padding:
+            stop_x, stop_y = min(stop_x, w0 - ref_w + 1), min(stop_y, h0 - ref_h + 1)
+        for x in range(start_x, stop_x, step_x):
+            for y in range(start_y, stop_y, step_y):
+                cx, cy = x + half, y + half
+                inside = [cv2.pointPolygonTest(contour, (float(cx + ox), float(cy + oy)), False) >= 0
+                          for ox, oy in offsets]
+                if not (all(inside) if need_all else any(inside)):
+                    continue
+                centre = (x + ref / 2, y + ref / 2)
+                if any(cv2.pointPolygonTest(hc, centre, False) > 0 for hc in hole_contours):
+                    continue
+                kept.append((x, y))
+    return np.asarray(kept, np.int64).reshape(-1, 2)
+
+
+def trident_coords(
+    polygons: list[tuple[np.ndarray, list[np.ndarray]]], geom: PatchGeometry, params: TilingParams,
+    level0_size: tuple[int, int],
+) -> np.ndarray:
+    """TRIDENT's WSIPatcher: a grid from (0, 0) over every x < width, y < height (patches may run past the
+    edge), row-major; keep a patch that intersects the tissue polygons simplified with a tolerance of
+    patch_size / 4 (TRIDENT's), or, with min_tissue_fraction > 0, whose overlap is at least that share."""
+    import shapely
+
+    step = int(geom.step_level0_xy[0])
+    side = int(geom.patch_size_level0_xy[0])
+    w0, h0 = level0_size
+    xs = np.arange(0, math.ceil(w0 / step), dtype=np.int64) * step
+    ys = np.arange(0, math.ceil(h0 / step), dtype=np.int64) * step
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    if not polygons or len(coords) == 0:
+        return coords[:0]
+    shapes = [shapely.Polygon(outer, holes) for outer, holes in polygons]
+    simplified = shapely.simplify(np.asarray(shapes, dtype=object), params.patch_size / 4, preserve_topology=True)
+    tissue = shapely.union_all(simplified)
+    boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + side, coords[:, 1] + side)
+    shapely.prepare(tissue)
+    if params.min_tissue_fraction == 0:
+        keep = shapely.intersects(boxes, tissue)
+    else:
+        keep = shapely.area(shapely.intersection(boxes, tissue)) >= params.min_tissue_fraction * shapely.area(boxes)
+    return coords[keep]
+
+
+def patches_on_tissue(
+    ws: WholeSlide, tissue: TissueMask, params: TilingParams,
+    polygons: list[tuple[np.ndarray, list[np.ndarray]]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, PatchGeometry]:
+    """Coordinates (N, 2) of the patches `params.rule` keeps, their tissue fractions on the mask, and the geometry.
+
+    The clam and trident rules test the tissue polygons (`polygons`, level-0, as in the segmentation GeoJSON).
+    """
     geom = PatchGeometry.for_slide(ws, params)
-    coords = grid_coords(ws.dimensions, geom)
-    frac = tissue_fractions(tissue, coords, geom.patch_size_level0_xy)
-    keep = frac >= params.min_tissue_fraction if params.min_tissue_fraction > 0 else frac > 0
-    return coords[keep], frac[keep], geom
+    if params.rule == "fraction":
+        coords = grid_coords(ws.dimensions, geom, pad_edges=params.use_padding)
+        frac = tissue_fractions(tissue, coords, geom.patch_size_level0_xy)
+        keep = frac >= params.min_tissue_fraction if params.min_tissue_fraction > 0 else frac > 0
+        return coords[keep], frac[keep], geom
+    if polygons is None:
+        raise ValueError(f"tiling rule {params.rule!r} needs the tissue polygons")
+    place = clam_contour_coords if params.rule == "clam" else trident_coords
+    coords = place(polygons, geom, params, ws.dimensions)
+    return coords, tissue_fractions(tissue, coords, geom.patch_size_level0_xy), geom
 
 
 def coords_attrs(ws: WholeSlide, params: TilingParams, geom: PatchGeometry, status: str) -> dict:
@@ -153,6 +299,7 @@ def coords_attrs(ws: WholeSlide, params: TilingParams, geom: PatchGeometry, stat
         "read_size": geom.read_size,
         "read_downsample_xy": np.asarray(geom.read_downsample_xy, np.float64),
         "min_tissue_fraction": float(params.min_tissue_fraction),
+        "tiling_rule": params.rule,
         "slide_id": ws.slide_id,
         "name": ws.slide_id,
         # which slide file the coords belong to (checked by extraction; the id alone can be renamed)
@@ -225,40 +372,58 @@ def draw_patches(thumbnail_overlay: np.ndarray, coords: np.ndarray, level0_size:
 def tile_slide(
     slide_path: str | Path,
     out_dir: str | Path,
-    target_mpp: float = 0.5,
-    patch_size: int = 224,
-    min_tissue_fraction: float = 0.5,
     preset: str | None = None,
     mpp: float | None = None,
-    stride: int | None = None,
     seg_dir: str | Path | None = None,
-    **seg_params: object,
+    **options: object,
 ) -> Path:
-    """Segment (or reuse the mask in `seg_dir`) and tile one slide; returns `out_dir/<slide_id>.h5`."""
-    params = TilingParams(target_mpp, patch_size, stride, min_tissue_fraction)
+    """Segment (or reuse the mask in `seg_dir`) and tile one slide; returns `out_dir/<slide_id>.h5`.
+
+    `options` are TilingParams and SegmentationParams fields by name; unset ones come from `preset` (or the
+    preset recorded by the segmentation in `seg_dir`).
+    """
+    preset = preset or recorded_preset(seg_dir, slide_id_from_path(slide_path))
+    tiling_names = {f.name for f in fields(TilingParams)}
+    params = make_tiling_params(preset, **{k: v for k, v in options.items() if k in tiling_names})
+    seg_params = make_params(preset, **{k: v for k, v in options.items() if k not in tiling_names})
     out_dir = Path(out_dir)
     with WholeSlide(slide_path, mpp_override=mpp) as ws:
-        summary = run_tiling(ws, params, out_dir, make_params(preset, **seg_params), seg_dir)
+        summary = run_tiling(ws, params, out_dir, seg_params, seg_dir, preset)
     return Path(summary["coords"])
 
 
+def recorded_preset(seg_dir: str | Path | None, slide_id: str) -> str | None:
+    """The preset a segmentation in `seg_dir` was made with (None without one), so tiling follows it."""
+    if seg_dir is None:
+        return None
+    path = segmentation_paths(Path(seg_dir), slide_id)["json"]
+    try:
+        return json.loads(path.read_text()).get("preset")
+    except (OSError, ValueError):
+        return None
+
+
 def run_tiling(
-    ws: WholeSlide, params: TilingParams, out_dir: Path, seg_params: SegmentationParams, seg_dir: str | Path | None
+    ws: WholeSlide, params: TilingParams, out_dir: Path, seg_params: SegmentationParams, seg_dir: str | Path | None,
+    preset: str | None = None,
 ) -> dict:
     """Tiling of an open slide. Without `seg_dir`, segments first and writes those outputs to `out_dir`."""
+    if not seg_params.allow_unusual_slide:
+        ws.check_plausible()
     if seg_dir is None:
         # segment here; the outputs then sit in out_dir like those of `segment`
         result = segment_slide_object(ws, seg_params)
-        write_segmentation(result, ws, seg_params, out_dir)
+        write_segmentation(result, ws, seg_params, out_dir, preset)
         seg_dir = out_dir
     seg_paths = segmentation_paths(Path(seg_dir), ws.slide_id)
     tissue = TissueMask.load_png(seg_paths["mask"])
     if tissue.level0_size != ws.dimensions:
         raise SlideError(f"slide {ws.slide_id}: mask {seg_paths['mask']} is for a {tissue.level0_size} slide, "
                          f"this slide is {ws.dimensions}")
+    polygons = load_tissue_polygons(seg_paths["geojson"]) if params.rule != "fraction" else None
     # the contour overview written by segmentation, so the slide is not read a second time for it
     overlay = _load_rgb(seg_paths["thumbnail"])
-    coords, fractions, geom = select_patches(ws, tissue, params)
+    coords, fractions, geom = patches_on_tissue(ws, tissue, params, polygons)
     status = "ok" if len(coords) else "no_tissue"
     h5_path = out_dir / f"{ws.slide_id}.h5"
     write_coords_h5(h5_path, coords, fractions, coords_attrs(ws, params, geom, status))
@@ -273,6 +438,7 @@ def run_tiling(
         "read_size": geom.read_size,
         "patch_size_level0_xy": list(geom.patch_size_level0_xy),
         "params": asdict(params),
+        "preset": preset,
         "mpp_level0": list(ws.mpp_xy),
         "software": f"preprocessing {__version__}",
     }
@@ -293,18 +459,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--slide", required=True)
     parser.add_argument("--out", required=True, help="output folder for <slide_id>.h5 and images")
     parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
-    parser.add_argument("--target-mpp", type=float, default=0.5)
-    parser.add_argument("--patch-size", type=int, default=224)
+    parser.add_argument("--target-mpp", type=float, help="µm/px of the patches (default 0.5)")
+    parser.add_argument("--patch-size", type=int, help="patch side at the target resolution (default 224)")
     parser.add_argument("--stride", type=int, help="grid step at the target resolution (default: patch size)")
-    parser.add_argument("--min-tissue-fraction", type=float, default=0.5)
+    parser.add_argument("--min-tissue-fraction", type=float,
+                        help=f"keep patches with at least this tissue share (default {TilingParams.min_tissue_fraction})")
+    parser.add_argument("--rule", choices=TILING_RULES, help="patch placement rule (default: the preset's, or fraction)")
     parser.add_argument("--seg-dir", help="reuse the tissue mask written by `segment` into this folder")
     add_segmentation_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        params = TilingParams(args.target_mpp, args.patch_size, args.stride, args.min_tissue_fraction)
+        preset = args.preset or recorded_preset(args.seg_dir, slide_id_from_path(args.slide))
+        args.preset = preset
+        params = make_tiling_params(preset, target_mpp=args.target_mpp, patch_size=args.patch_size, stride=args.stride,
+                                    min_tissue_fraction=args.min_tissue_fraction, rule=args.rule)
         seg_params = params_from_args(args)
         with WholeSlide(args.slide, mpp_override=args.mpp) as ws:
-            summary = run_tiling(ws, params, Path(args.out), seg_params, args.seg_dir)
+            summary = run_tiling(ws, params, Path(args.out), seg_params, args.seg_dir, preset)
     except (SlideError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -24,58 +25,95 @@ from PIL import Image, PngImagePlugin
 
 from preprocessing import __version__
 from wsicore.files import atomic_path, write_json
-from preprocessing.slide import SlideError, WholeSlide
+from preprocessing.slide import SlideError, UnusualSlideError, WholeSlide
 
 # CLAM expresses areas in multiples of a 512x512 level-0 patch ("ref_patch_size").
 CLAM_REF_PATCH = 512
+# CLAM's seg_level = -1: the level OpenSlide picks for this downsample.
+CLAM_SEG_DOWNSAMPLE = 64
+# Largest segmentation image (pixels) read without --allow-unusual-slide: CLAM's own limit (1e8), ~300 MB RGB.
+MAX_SEG_PIXELS = 100_000_000
 
 
 @dataclass
 class SegmentationParams:
-    """Segmentation settings (config section `segmentation`). Kernel sizes are in thumbnail pixels."""
+    """Segmentation settings (config section `segmentation`). Kernel sizes are in segmentation-image pixels."""
 
-    seg_mpp: float = 8.0  # µm/px of the working thumbnail
-    seg_downsample: float | None = None  # if set, thumbnail at this level-0 downsample instead of seg_mpp
-    sthresh: int | None = None  # fixed saturation threshold (0-255); None = Otsu
-    min_saturation: int = 15  # floor under the Otsu threshold, so blank glass yields no tissue
-    median_kernel: int = 7
-    close_kernel: int = 4
-    min_tissue_area_um2: float = 20_000.0
-    min_hole_area_um2: float = 10_000.0
-    max_n_holes: int = 8
-    # "um2": the two areas above are µm². "clam_ref_patch": they count 512x512 level-0 patches (CLAM).
-    area_unit: str = "um2"
+    seg_mpp: float = field(default=8.0, metadata={"help": "µm/px of the segmentation thumbnail"})
+    seg_level: int | None = field(default=None, metadata={
+        "help": "segment a whole pyramid level as stored instead of a seg_mpp thumbnail: a level index, or -1 for "
+                "CLAM's choice (the level OpenSlide picks for a 64x downsample)"})
+    sthresh: int | None = field(default=15, metadata={
+        "help": "fixed saturation threshold 0-255 (glass is below 5, faint stroma 15-50); None or -1 = Otsu, which on "
+                "sections with much pale stroma splits stroma from epithelium instead of tissue from glass"})
+    min_saturation: int = field(default=15, metadata={
+        "help": "floor under the Otsu threshold, so blank glass yields no tissue"})
+    median_kernel: int = field(default=5, metadata={"help": "median blur of the saturation (odd, px)"})
+    close_kernel: int = field(default=4, metadata={"help": "morphological closing kernel side (px); 0 = none"})
+    min_tissue_area_um2: float = field(default=2_000.0, metadata={
+        "help": "tissue regions smaller than this (net of holes) are dropped (unit: area_unit)"})
+    min_hole_area_um2: float = field(default=10_000.0, metadata={
+        "help": "holes smaller than this are filled (unit: area_unit)"})
+    max_n_holes: int = field(default=8, metadata={"help": "largest holes kept per tissue region; 0 = holes are tissue"})
+    area_unit: str = field(default="um2", metadata={
+        "help": "'um2': the two areas are µm²; 'clam_ref_patch': they count 512x512 level-0 patches (CLAM's a_t, a_h)"})
+    geometry: str = field(default="centred", metadata={
+        "help": "'centred': a shift-free closing and contour points at pixel centres; 'clam': CLAM's pixel geometry "
+                "(OpenCV's default anchor for an even closing kernel, which moves the mask one pixel down-right, and "
+                "contour points truncated to level 0), only to reproduce CLAM"})
+    allow_unusual_slide: bool = field(default=False, metadata={
+        "help": "process a slide whose pixel size or size is implausible (refused otherwise, before any pixel is read)"})
 
     def __post_init__(self) -> None:
+        if self.sthresh == -1:
+            self.sthresh = None  # -1 asks for Otsu where None means "not given" (flags, config)
         if self.area_unit not in {"um2", "clam_ref_patch"}:
             raise ValueError(f"segmentation.area_unit must be 'um2' or 'clam_ref_patch', got {self.area_unit!r}")
+        if self.geometry not in {"centred", "clam"}:
+            raise ValueError(f"segmentation.geometry must be 'centred' or 'clam', got {self.geometry!r}")
         if self.median_kernel < 1 or self.median_kernel % 2 == 0:
             raise ValueError(f"segmentation.median_kernel must be a positive odd number, got {self.median_kernel}")
 
 
-PRESETS: dict[str, dict] = {
-    "default": {},
-    # CLAM's presets/tcga.csv: seg at 64x downsample, sthresh 8, mthresh 7, close 4, no Otsu,
-    # a_t 16 and a_h 4 reference patches, max_n_holes 8.
-    "clam_tcga": dict(
-        seg_downsample=64.0,
-        sthresh=8,
-        min_saturation=0,
-        median_kernel=7,
-        close_kernel=4,
-        min_tissue_area_um2=16,
-        min_hole_area_um2=4,
-        max_n_holes=8,
-        area_unit="clam_ref_patch",
-    ),
+def _clam_preset(sthresh: int, mthresh: int, close: int, a_t: float, a_h: float, max_n_holes: int) -> dict:
+    """A preset from one of CLAM's presets/*.csv rows (seg_level -1, use_otsu FALSE, four_pt, padding)."""
+    return {
+        "segmentation": dict(seg_level=-1, sthresh=sthresh, min_saturation=0, median_kernel=mthresh,
+                             close_kernel=close, min_tissue_area_um2=a_t, min_hole_area_um2=a_h,
+                             max_n_holes=max_n_holes, area_unit="clam_ref_patch", geometry="clam"),
+        "tiling": dict(rule="clam", contour_fn="four_pt", use_padding=True),
+    }
+
+
+# Presets set segmentation and tiling together. `clam*` reproduce CLAM's create_patches_fp.py with the named
+# presets/*.csv; `trident` reproduces TRIDENT's patching (any patch touching tissue, holes are tissue).
+PRESETS: dict[str, dict[str, dict]] = {
+    "default": {"segmentation": {}, "tiling": {}},
+    "clam": _clam_preset(sthresh=8, mthresh=7, close=4, a_t=16, a_h=4, max_n_holes=8),  # presets/tcga.csv
+    "clam_bwh_biopsy": _clam_preset(sthresh=15, mthresh=11, close=2, a_t=1, a_h=1, max_n_holes=2),
+    "clam_bwh_resection": _clam_preset(sthresh=15, mthresh=11, close=4, a_t=100, a_h=16, max_n_holes=8),
+    # TRIDENT segments with a network (HEST, GrandQC) we do not ship: our thresholding with holes as tissue
+    # (TRIDENT's default), every value pinned here so the preset does not move with the defaults.
+    "trident": {
+        "segmentation": dict(seg_mpp=8.0, seg_level=None, sthresh=15, min_saturation=15, median_kernel=5,
+                             close_kernel=4, min_tissue_area_um2=2_000.0, min_hole_area_um2=10_000.0, max_n_holes=0,
+                             area_unit="um2", geometry="centred"),
+        "tiling": dict(rule="trident", min_tissue_fraction=0.0),
+    },
 }
+PRESETS["clam_tcga"] = PRESETS["clam"]  # the earlier name, kept as an alias
+
+
+def preset_values(preset: str | None, section: str) -> dict:
+    """The `section` ('segmentation' or 'tiling') values of a preset; {} for None."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return dict(PRESETS[preset or "default"][section])
 
 
 def make_params(preset: str | None = None, **overrides: object) -> SegmentationParams:
     """Parameters from a preset name plus explicit overrides (None values are ignored)."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown segmentation preset {preset!r}; choose from {sorted(PRESETS)}")
-    values = dict(PRESETS.get(preset or "default", {}))
+    values = preset_values(preset, "segmentation")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SegmentationParams(**values)
 
@@ -133,10 +171,11 @@ class SegmentationResult:
     holes: list[list[np.ndarray]]
     threshold: float
     thumbnail: np.ndarray
+    geometry: str = "centred"  # how contour points map to level 0 (SegmentationParams.geometry)
 
 
 def saturation_threshold(rgb: np.ndarray, params: SegmentationParams) -> tuple[np.ndarray, float]:
-    """Binary foreground from HSV saturation: median blur, then Otsu (floored) or a fixed threshold."""
+    """Binary foreground from HSV saturation: median blur, Otsu (floored) or a fixed threshold, closing."""
     sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1]
     sat = cv2.medianBlur(sat, params.median_kernel)
     if params.sthresh is None:
@@ -145,17 +184,32 @@ def saturation_threshold(rgb: np.ndarray, params: SegmentationParams) -> tuple[n
     else:
         thresh = float(max(params.sthresh, params.min_saturation))
     binary = (sat > thresh).astype(np.uint8)
-    if params.close_kernel > 0:
-        kernel = np.ones((params.close_kernel, params.close_kernel), np.uint8)
-        binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
-    return binary, thresh
+    return close_mask(binary, params.close_kernel, params.geometry), thresh
+
+
+def close_mask(binary: np.ndarray, kernel_size: int, geometry: str = "centred") -> np.ndarray:
+    """Morphological closing with a square kernel that leaves the mask where it is.
+
+    cv2.morphologyEx dilates and erodes with the same anchor; for an even kernel that anchor is off-centre and
+    the result moves one pixel down-right. Eroding with the reflected anchor makes it a true closing (a square
+    stays in place) for any kernel size. `geometry="clam"` keeps OpenCV's call as CLAM makes it.
+    """
+    if kernel_size <= 0:
+        return binary
+    kernel = np.ones((kernel_size, kernel_size), np.uint8)
+    if geometry == "clam":
+        return cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
+    anchor = kernel_size // 2
+    dilated = cv2.dilate(binary, kernel, anchor=(anchor, anchor))
+    reflected = kernel_size - 1 - anchor
+    return cv2.erode(dilated, kernel, anchor=(reflected, reflected))
 
 
 def filter_contours(
     binary: np.ndarray, min_tissue_px: float, min_hole_px: float, max_n_holes: int
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Outer contours whose area net of holes exceeds `min_tissue_px`; per outer, the largest holes
-    (at most `max_n_holes`) whose area exceeds `min_hole_px`. Areas are in mask pixels."""
+    (at most `max_n_holes`) whose area exceeds `min_hole_px`. Areas are in mask pixels (CLAM's rule)."""
     contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None or not contours:
         return [], []
@@ -185,42 +239,88 @@ def segment_array(
 ) -> SegmentationResult:
     """Segment an RGB thumbnail whose pixels measure `mpp_xy` µm."""
     binary, thresh = saturation_threshold(thumbnail, params)
-    px_area_um2 = mpp_xy[0] * mpp_xy[1]
     if params.area_unit == "clam_ref_patch":
-        unit_um2 = CLAM_REF_PATCH**2 * level0_mpp_xy[0] * level0_mpp_xy[1]
+        # CLAM: int(512² / (downsample_x * downsample_y)) mask pixels per reference patch
+        scale_x, scale_y = level0_size[0] / binary.shape[1], level0_size[1] / binary.shape[0]
+        unit_px = float(int(CLAM_REF_PATCH**2 / (scale_x * scale_y)))
     else:
-        unit_um2 = 1.0
-    min_tissue_px = params.min_tissue_area_um2 * unit_um2 / px_area_um2
-    min_hole_px = params.min_hole_area_um2 * unit_um2 / px_area_um2
+        unit_px = 1.0 / (mpp_xy[0] * mpp_xy[1])
+    min_tissue_px = params.min_tissue_area_um2 * unit_px
+    min_hole_px = params.min_hole_area_um2 * unit_px
     outers, holes = filter_contours(binary, min_tissue_px, min_hole_px, params.max_n_holes)
     mask = np.zeros(binary.shape, np.uint8)
     if outers:
         cv2.drawContours(mask, outers, -1, 1, thickness=cv2.FILLED)
-        for hole_list in holes:
-            if hole_list:
-                cv2.drawContours(mask, hole_list, -1, 0, thickness=cv2.FILLED)
-    return SegmentationResult(TissueMask(mask, mpp_xy, level0_size, slide_id), outers, holes, thresh, thumbnail)
+        kept_holes = [h for hole_list in holes for h in hole_list]
+        if kept_holes:
+            cv2.drawContours(mask, kept_holes, -1, 0, thickness=cv2.FILLED)
+            # a hole's contour runs through the tissue pixels around it: give them back
+            cv2.drawContours(mask, kept_holes, -1, 1, thickness=1)
+    tissue = TissueMask(mask, mpp_xy, level0_size, slide_id)
+    return SegmentationResult(tissue, outers, holes, thresh, thumbnail, params.geometry)
+
+
+def segmentation_image(ws: WholeSlide, params: SegmentationParams) -> np.ndarray:
+    """The RGB image segmentation works on: a seg_mpp thumbnail read in pieces, or a whole pyramid level.
+
+    Its size is bounded (MAX_SEG_PIXELS) unless `allow_unusual_slide`, so a slide claiming an absurd size or pixel
+    size cannot make segmentation allocate without limit.
+    """
+    w0, h0 = ws.dimensions
+    if params.seg_level is not None:
+        level = ws.best_level_for_downsample(CLAM_SEG_DOWNSAMPLE) if params.seg_level < 0 else params.seg_level
+        if not 0 <= level < ws.level_count:
+            raise SlideError(f"slide {ws.slide_id}: segmentation.seg_level {level} does not exist "
+                             f"(the slide has levels 0-{ws.level_count - 1})")
+        size = ws.level_dimensions[level]
+        what = f"level {level} as stored"
+    else:
+        level = None
+        size = (math.ceil(w0 * ws.mpp_x / params.seg_mpp), math.ceil(h0 * ws.mpp_y / params.seg_mpp))
+        what = f"a thumbnail at seg_mpp {params.seg_mpp:g} µm/px"
+    if size[0] * size[1] > MAX_SEG_PIXELS and not params.allow_unusual_slide:
+        raise UnusualSlideError(
+            f"slide {ws.slide_id}: segmenting {what} means a {size[0]} x {size[1]} px image, above the "
+            f"{MAX_SEG_PIXELS / 1e6:g} Mpx limit; raise segmentation.seg_mpp (or choose a coarser seg_level), "
+            f"or pass --allow-unusual-slide"
+        )
+    return ws.read_level(level) if level is not None else ws.thumbnail_at_mpp(params.seg_mpp)
 
 
 def segment_slide_object(ws: WholeSlide, params: SegmentationParams) -> SegmentationResult:
-    """Segment an open slide (reads only a coarse thumbnail, in bounded pieces)."""
+    """Segment an open slide (reads only a coarse image, in bounded pieces). Refuses implausible slides first."""
+    if not params.allow_unusual_slide:
+        ws.check_plausible()
     w0, h0 = ws.dimensions
-    if params.seg_downsample:
-        target_mpp = params.seg_downsample * ws.mpp_x
-    else:
-        target_mpp = params.seg_mpp
-    thumb = ws.thumbnail_at_mpp(target_mpp)
-    mpp_xy = (w0 * ws.mpp_x / thumb.shape[1], h0 * ws.mpp_y / thumb.shape[0])
-    return segment_array(thumb, mpp_xy, (w0, h0), params, ws.mpp_xy, ws.slide_id)
+    image = segmentation_image(ws, params)
+    mpp_xy = (w0 * ws.mpp_x / image.shape[1], h0 * ws.mpp_y / image.shape[0])
+    return segment_array(image, mpp_xy, (w0, h0), params, ws.mpp_xy, ws.slide_id)
+
+
+def contours_to_level0(contours: list[np.ndarray], scale_xy: tuple[float, float], geometry: str) -> list[np.ndarray]:
+    """Mask-pixel contours as level-0 (x, y) points, (k, 2) float64.
+
+    'centred': a mask pixel i covers level-0 [i s, (i + 1) s), so its point is its centre (i + 0.5) s.
+    'clam': CLAM's int(i * s), the pixel's top-left corner truncated (up-left of the centre by half a pixel).
+    """
+    scale = np.asarray(scale_xy, np.float64)
+    out = []
+    for contour in contours:
+        pts = contour.reshape(-1, 2).astype(np.float64)
+        out.append(np.floor(pts * scale) if geometry == "clam" else np.round((pts + 0.5) * scale, 2))
+    return out
 
 
 def contours_to_geojson(result: SegmentationResult) -> dict:
-    """Tissue polygons (with holes) in level-0 pixel coordinates, as a QuPath-readable FeatureCollection."""
-    sx, sy = result.tissue.scale_xy
+    """Tissue polygons (with holes) in level-0 pixel coordinates, as a QuPath-readable FeatureCollection.
+
+    The contour-based tiling rules (clam, trident) read their tissue from these polygons.
+    """
+    scale = result.tissue.scale_xy
 
     def ring(contour: np.ndarray) -> list[list[float]]:
-        pts = contour.reshape(-1, 2).astype(np.float64)
-        coords = [[round(float(x) * sx, 2), round(float(y) * sy, 2)] for x, y in pts]
+        (pts,) = contours_to_level0([contour], scale, result.geometry)
+        coords = [[int(x), int(y)] if result.geometry == "clam" else [float(x), float(y)] for x, y in pts]
         coords.append(coords[0])
         return coords
 
@@ -237,6 +337,23 @@ def contours_to_geojson(result: SegmentationResult) -> dict:
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def load_tissue_polygons(path: str | Path) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """(outer ring, hole rings) per polygon of a tissue GeoJSON, level-0 (k, 2) float64, closing point dropped."""
+    try:
+        collection = json.loads(Path(path).read_text())
+        polygons = []
+        for feature in collection["features"]:
+            geometry = feature["geometry"]
+            parts = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+            for rings in parts:
+                arrays = [np.asarray(r, np.float64).reshape(-1, 2) for r in rings]
+                arrays = [a[:-1] if len(a) > 1 and (a[0] == a[-1]).all() else a for a in arrays]
+                polygons.append((arrays[0], arrays[1:]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SlideError(f"{path}: not a tissue GeoJSON (FeatureCollection of Polygons): {exc}") from exc
+    return polygons
 
 
 def overview_image(ws: WholeSlide, result: SegmentationResult, min_side: int = 768) -> np.ndarray:
@@ -282,8 +399,11 @@ def segmentation_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
     }
 
 
-def write_segmentation(result: SegmentationResult, ws: WholeSlide, params: SegmentationParams, out_dir: Path) -> dict:
-    """Write the four per-slide outputs; returns the summary that goes into the JSON."""
+def write_segmentation(
+    result: SegmentationResult, ws: WholeSlide, params: SegmentationParams, out_dir: Path, preset: str | None = None
+) -> dict:
+    """Write the four per-slide outputs; returns the summary that goes into the JSON (with the preset, which
+    `tile --seg-dir` follows)."""
     paths = segmentation_paths(out_dir, ws.slide_id)
     result.tissue.save_png(paths["mask"])
     save_rgb_png(draw_overlay(result, overview_image(ws, result)), paths["thumbnail"])
@@ -299,6 +419,7 @@ def write_segmentation(result: SegmentationResult, ws: WholeSlide, params: Segme
         "mask_size": [int(result.tissue.mask.shape[1]), int(result.tissue.mask.shape[0])],
         "mask_mpp": list(result.tissue.mpp_xy),
         "params": dataclasses.asdict(params),
+        "preset": preset,
         "slide": ws.describe(),
         "software": f"preprocessing {__version__}",
     }
@@ -318,28 +439,34 @@ def segment_slide(
     out_dir = Path(out_dir)
     with WholeSlide(slide_path, mpp_override=mpp) as ws:
         result = segment_slide_object(ws, seg_params)
-        write_segmentation(result, ws, seg_params, out_dir)
+        write_segmentation(result, ws, seg_params, out_dir, preset)
         return segmentation_paths(out_dir, ws.slide_id)["mask"]
 
 
 def add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
     """Options mirroring the config section `segmentation` (shared by `segment` and `tile`)."""
     g = parser.add_argument_group("segmentation")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="parameter preset (clam_tcga reproduces CLAM's tcga.csv)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="segmentation + tiling preset: clam (= clam_tcga, CLAM's presets/tcga.csv), clam_bwh_biopsy, "
+                        "clam_bwh_resection reproduce CLAM's create_patches_fp.py; trident reproduces TRIDENT's patching")
     g.add_argument("--seg-mpp", type=float, help="µm/px of the segmentation thumbnail (default 8)")
-    g.add_argument("--sthresh", type=int, help="fixed saturation threshold 0-255 (default: Otsu)")
+    g.add_argument("--seg-level", type=int, help="segment this pyramid level as stored (-1: CLAM's choice)")
+    g.add_argument("--sthresh", type=int, help="fixed saturation threshold 0-255 (default 15; -1: Otsu)")
     g.add_argument("--min-saturation", type=int, help="floor under the Otsu threshold (default 15)")
     g.add_argument("--median-kernel", type=int)
     g.add_argument("--close-kernel", type=int)
     g.add_argument("--min-tissue-area-um2", type=float)
     g.add_argument("--min-hole-area-um2", type=float)
     g.add_argument("--max-n-holes", type=int)
+    g.add_argument("--allow-unusual-slide", action="store_true", default=None,
+                   help="process a slide whose pixel size (outside 0.05-20 µm/px) or claimed size is implausible")
 
 
 def params_from_args(args: argparse.Namespace) -> SegmentationParams:
     return make_params(
         args.preset,
         seg_mpp=args.seg_mpp,
+        seg_level=args.seg_level,
         sthresh=args.sthresh,
         min_saturation=args.min_saturation,
         median_kernel=args.median_kernel,
@@ -347,6 +474,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         min_tissue_area_um2=args.min_tissue_area_um2,
         min_hole_area_um2=args.min_hole_area_um2,
         max_n_holes=args.max_n_holes,
+        allow_unusual_slide=args.allow_unusual_slide,
     )
 
 
@@ -362,7 +490,7 @@ def main(argv: list[str]) -> int:
         params = params_from_args(args)
         with WholeSlide(args.slide, mpp_override=args.mpp) as ws:
             result = segment_slide_object(ws, params)
-            summary = write_segmentation(result, ws, params, Path(args.out))
+            summary = write_segmentation(result, ws, params, Path(args.out), args.preset)
     except (SlideError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,8 +9,39 @@ import numpy as np
 import openslide
 import pytest
 
-from preprocessing.slide import MissingMppError, SlideError, WholeSlide, composite_on_background, mpp_from_properties
+import struct
+
+import tifffile
+
+from preprocessing.slide import (
+    MissingMppError,
+    SlideError,
+    UnusualSlideError,
+    WholeSlide,
+    composite_on_background,
+    mpp_from_properties,
+)
 from preprocessing.synthetic import Scene, write_synthetic_svs
+from preprocessing.tissue import make_params, segment_slide_object
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "preprocessing", *args], capture_output=True, text=True)
+
+
+def write_tiff_claiming(path, width: int, height: int):
+    """A real 512² tiled JPEG TIFF whose ImageWidth/ImageLength tags are then rewritten to claim another size
+    (OpenSlide opens it as generic-tiff with the claimed dimensions)."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb", compression="jpeg",
+                  metadata=None)
+    with tifffile.TiffFile(path) as tf:
+        offsets = {name: tf.pages[0].tags[name].valueoffset for name in ("ImageWidth", "ImageLength")}
+    raw = bytearray(path.read_bytes())
+    for name, value in (("ImageWidth", width), ("ImageLength", height)):
+        raw[offsets[name]: offsets[name] + 4] = struct.pack("<I", value)
+    path.write_bytes(raw)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +184,54 @@ def test_unreadable_files(tmp_path, cmu_small):
 def test_cli_module_runs():
     out = subprocess.run([sys.executable, "-m", "preprocessing", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "segment" in out.stdout and "tile" in out.stdout
+
+
+def test_implausible_mpp_is_refused_before_any_pixel_is_read(boxes_pyramid, tmp_path):
+    """boxes-synthetic-pyramid.tiff records 352.78 µm/px: refused with one line, processed when allowed."""
+    with WholeSlide(boxes_pyramid) as ws:
+        with pytest.raises(UnusualSlideError) as err:
+            ws.check_plausible()
+        # segmentation checks before it reads the thumbnail
+        with pytest.raises(UnusualSlideError):
+            segment_slide_object(ws, make_params())
+    msg = str(err.value)
+    assert "boxes-synthetic-pyramid" in msg and "352.8 µm/px" in msg and "--allow-unusual-slide" in msg
+    assert "\n" not in msg
+    res = run_cli("segment", "--slide", str(boxes_pyramid), "--out", str(tmp_path / "refused"))
+    assert res.returncode == 1 and "outside the plausible 0.05-20 µm/px" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").iterdir())
+    res = run_cli("segment", "--slide", str(boxes_pyramid), "--out", str(tmp_path / "allowed"), "--allow-unusual-slide")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "allowed" / "boxes-synthetic-pyramid_mask.png").exists()
+    with WholeSlide(boxes_pyramid, mpp_override=0.25) as ws:
+        ws.check_plausible()  # a plausible override makes it an ordinary slide
+
+
+def test_implausible_mpp_override_is_refused(cmu_small):
+    for mpp in (0.01, 25.0):
+        with WholeSlide(cmu_small, mpp_override=mpp) as ws:
+            with pytest.raises(UnusualSlideError, match="override"):
+                ws.check_plausible()
+
+
+def test_size_beyond_what_the_file_holds_is_refused(tmp_path):
+    """A ~10 kB file claiming 200,000 x 200,000 px is refused at once, not segmented for minutes."""
+    path = write_tiff_claiming(tmp_path / "huge.tiff", 200_000, 200_000)
+    with WholeSlide(path, mpp_override=0.25) as ws:
+        assert ws.dimensions == (200_000, 200_000)
+        with pytest.raises(UnusualSlideError, match="px per byte"):
+            ws.check_plausible()
+    res = run_cli("segment", "--slide", str(path), "--out", str(tmp_path / "o"), "--mpp", "0.25")
+    assert res.returncode == 1 and "200000 x 200000" in res.stderr and "--allow-unusual-slide" in res.stderr
+    side = write_tiff_claiming(tmp_path / "side.tiff", 600_000, 512)
+    with WholeSlide(side, mpp_override=0.25) as ws:
+        with pytest.raises(UnusualSlideError, match="500,000"):
+            ws.check_plausible()
+
+
+def test_segmentation_image_size_is_bounded(cmu_small):
+    """A thumbnail finer than the bound (here 0.05 µm/px: 22,200 x 29,670 px) is refused, not allocated."""
+    with WholeSlide(cmu_small) as ws:
+        with pytest.raises(UnusualSlideError, match="Mpx limit"):
+            segment_slide_object(ws, make_params(seg_mpp=0.05))

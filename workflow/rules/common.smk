@@ -105,14 +105,18 @@ def segmentation_args():
     seg = config["segmentation"]
     args = [f"--preset {seg['preset']}"] if seg.get("preset") else []
     for key, value in seg.items():
-        if key != "preset" and value is not None:
+        if key == "allow_unusual_slide":
+            args += ["--allow-unusual-slide"] if value else []
+        elif key != "preset" and value is not None:
             args.append(f"--{key.replace('_', '-')} {value}")
     return " ".join(args)
 
 
 def tiling_args():
     t = config["tiling"]
-    args = f"--target-mpp {t['target_mpp']} --patch-size {t['patch_size']} --min-tissue-fraction {t['min_tissue_fraction']}"
+    args = f"--target-mpp {t['target_mpp']} --patch-size {t['patch_size']}"
+    if t["min_tissue_fraction"] is not None:
+        args += f" --min-tissue-fraction {t['min_tissue_fraction']}"
     return args + (f" --stride {t['stride']}" if t["stride"] else "")
 
 
