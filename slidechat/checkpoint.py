@@ -27,6 +27,11 @@ from wsicore.torchfile import load_strict, read_safetensors, read_state_dict
 
 log = logging.getLogger(__name__)
 
+
+class MissingCheckpointError(InputError, FileNotFoundError):
+    """A checkpoint, model directory or LLM directory that is not there (or holds no weights)."""
+
+
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -61,7 +66,7 @@ def read_weight_dir(folder: str | Path) -> dict[str, torch.Tensor]:
     safet = [p for p in files if p.suffix == ".safetensors"]
     files = safet or files  # prefer safetensors when both were saved
     if not files:
-        raise InputError(f"no weight files (*.safetensors, *.bin, *.pt, *.pth) in {folder}")
+        raise MissingCheckpointError(f"no weight files (*.safetensors, *.bin, *.pt, *.pth) in {folder}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(read_state_dict(f))
@@ -81,10 +86,10 @@ FORMAT_VERSION = 1
 
 def _require_dir(path: str | Path | None, what: str) -> Path:
     if path is None:
-        raise InputError(f"no LLM directory given: set `llm` (config key / --llm option) to a local {what}")
+        raise MissingCheckpointError(f"no LLM directory given: set `llm` (config key / --llm option) to a local {what}")
     p = Path(path)
     if not p.is_dir():
-        raise InputError(f"LLM directory not found: {p} (set `llm`, the config key / --llm option, to a local {what})")
+        raise MissingCheckpointError(f"LLM directory not found: {p} (set `llm`, the config key / --llm option, to a local {what})")
     return p
 
 
@@ -149,7 +154,7 @@ def load_model(path: str | Path, llm: str | Path | None = None, torch_dtype: tor
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"checkpoint not found: {path}")
+        raise MissingCheckpointError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return _load_our_dir(path, llm, torch_dtype)
     if path.is_dir() and (path / "LongNet_encoder").is_dir() and (path / "projector").is_dir():
@@ -157,7 +162,7 @@ def load_model(path: str | Path, llm: str | Path | None = None, torch_dtype: tor
     if path.is_dir():
         f = find_deepspeed_model_file(path)
         if f is None:
-            raise InputError(
+            raise MissingCheckpointError(
                 f"{path} is neither our model directory ({CONFIG_FILE}), an xtuner folder "
                 f"(LongNet_encoder/, projector/) nor a DeepSpeed folder ({DEEPSPEED_MODEL_FILE})"
             )

@@ -250,3 +250,26 @@ def test_convert_checkpoint_cli_writes_safetensors_dir(source, tiny_llm, tmp_pat
     err = capsys.readouterr().err
     assert err == f"slidechat convert-checkpoint: error: checkpoint not found: {tmp_path / 'nothing'}\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_our_directory_refuses_int_or_non_finite_slide_encoder_weights(source, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from slidechat.checkpoint import save_model
+
+    saved = save_model(source, tmp_path / "ours")
+    weights = saved / "slide_encoder.safetensors"
+    clean = load_file(str(weights))
+    key = "LongNet_encoder.layers.0.ffn.fc1.weight"
+    x = torch.randn(7, FEAT)
+    torch.testing.assert_close(load_model(saved).encode_slide(x), source.encode_slide(x), atol=1e-6, rtol=1e-6)
+    cases = {"int": (clean[key] * 100).to(torch.int64),
+             "nan": clean[key].clone().index_fill_(1, torch.tensor([2]), float("nan")),
+             "inf": clean[key].clone().index_fill_(0, torch.tensor([0]), -float("inf"))}
+    expect = {"int": r"wrong dtype \(1\): " + key.replace(".", r"\.") + r" torch\.int64 \(model torch\.float32\)",
+              "nan": r"NaN or infinite values \(1\): " + key.replace(".", r"\."),
+              "inf": r"NaN or infinite values \(1\): " + key.replace(".", r"\.")}
+    for name, bad in cases.items():
+        save_file({**clean, key: bad}, str(weights))
+        with pytest.raises(InputError, match=rf"{weights}: .*{expect[name]}"):
+            load_model(saved)
