@@ -175,7 +175,7 @@ def _pickle_globals(path: Path) -> set[str]:
                 return _opcode_globals(fh, _LEGACY_PICKLES)
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-            if any(n.endswith(("/constants.pkl", "/code/")) or "/code/" in n for n in names):
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
                 raise UnsafeFileError(f"{path}: refused: a TorchScript archive (holds code, not only weights)")
             pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(pickles) != 1 or len(set(names)) != len(names):
