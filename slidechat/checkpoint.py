@@ -1,21 +1,18 @@
-"""Reading and writing SlideChat checkpoints (the only module that does), and `slidechat convert-checkpoint`.
+"""Reading and writing SlideChat model directories (the only slidechat module that does), `slidechat convert-checkpoint`.
 
 Released SlideChat weights are raw DeepSpeed folders (`stage2_pth/mp_rank_00_model_states.pt`,
 weights under the `module` key, keys `LongNet_encoder.*`, `projector.model.{0,2}.*`, `llm.*`).
-Those files also pickle mmengine objects (message hub, history buffers, config dicts). They are
-read here with a restricted unpickler: tensors, storages, containers and a few numpy/builtin
-types are rebuilt, every other global is replaced by an inert stub *without importing its
-module*, so neither mmengine nor arbitrary code is needed or run. `convert-checkpoint` writes
-our safetensors directory once, so later loads never unpickle.
+Those files also pickle mmengine objects (message hub, history buffers, config dicts). Every torch file
+is read by `wsicore.torchfile.read_torch_file` (weights only; mmengine objects become inert stubs
+without importing mmengine; anything that could run code is refused), every state dict is loaded with
+`wsicore.torchfile.load_strict`. `convert-checkpoint` writes our safetensors directory once, so later
+loads never unpickle.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,141 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from slidechat.model import SlideChat, SlideChatConfig
+from wsicore.cli import command_parser
+from wsicore.errors import InputError
 from wsicore.files import atomic_path, write_json
+from wsicore.torchfile import load_strict, read_safetensors, read_state_dict
 
 log = logging.getLogger(__name__)
 
+
+class MissingCheckpointError(InputError, FileNotFoundError):
+    """A checkpoint, model directory or LLM directory that is not there (or holds no weights)."""
+
+
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-# ----------------------------------------------------------------------------------------------
-# restricted unpickling
-
-
-class StubObject(dict):
-    """Stand-in for an object of a class that was not imported; keeps whatever state was pickled."""
-
-    _stub_module = "?"
-    _stub_name = "?"
-
-    stub_args: tuple = ()
-    stub_state: Any = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-        self.stub_args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.stub_state = state
-
-    def append(self, item: Any) -> None:  # for pickled list subclasses
-        self.__dict__.setdefault("stub_items", []).append(item)
-
-    def extend(self, items: Any) -> None:
-        self.__dict__.setdefault("stub_items", []).extend(items)
-
-    def __repr__(self) -> str:
-        return f"<stub {self._stub_module}.{self._stub_name}>"
-
-    def __reduce__(self):  # a stub is never written back as if it were the real thing
-        raise pickle.PicklingError(f"cannot pickle stub of {self._stub_module}.{self._stub_name}")
-
-
-_STUBS: dict[tuple[str, str], type] = {}
-
-
-def _stub_class(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _STUBS:
-        _STUBS[key] = type(name, (StubObject,), {"_stub_module": module, "_stub_name": name, "__module__": "stub." + module})
-    return _STUBS[key]
-
-
-def _allowed_globals() -> dict[str, Any]:
-    """Globals that may be resolved for real: PyTorch's weights-only allow-list plus a few safe extras."""
-    import collections
-
-    from torch import _weights_only_unpickler as wou
-
-    allowed = dict(wou._get_allowed_globals())
-    allowed.update(
-        {
-            "collections.OrderedDict": collections.OrderedDict,
-            "collections.defaultdict": collections.defaultdict,
-            "builtins.set": set,
-            "builtins.frozenset": frozenset,
-            "builtins.slice": slice,
-            "builtins.complex": complex,
-            "builtins.range": range,
-            "torch.device": torch.device,
-        }
-    )
-    # numpy arrays and scalars (their reductions only rebuild data)
-    import numpy as np
-    from numpy._core import multiarray
-
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{mod}._reconstruct"] = multiarray._reconstruct
-        allowed[f"{mod}.scalar"] = multiarray.scalar
-    allowed["numpy.dtype"] = np.dtype
-    allowed["numpy.ndarray"] = np.ndarray
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    stubbed: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        allowed = _allowed_globals_cache()
-        if full in allowed:
-            return allowed[full]
-        if module == "torch" and name.endswith("Storage"):
-            return getattr(torch, name)
-        # Unknown: stub it; never import `module`.
-        _RestrictedUnpickler.stubbed.add(full)
-        return _stub_class(module, name)
-
-
-_ALLOWED: dict[str, Any] | None = None
-
-
-def _allowed_globals_cache() -> dict[str, Any]:
-    global _ALLOWED
-    if _ALLOWED is None:
-        _ALLOWED = _allowed_globals()
-    return _ALLOWED
-
-
-class _RestrictedPickleModule:
-    """A `pickle_module` for `torch.load` whose Unpickler stubs unknown globals."""
-
-    Unpickler = _RestrictedUnpickler
-    load = pickle.load
-    __name__ = "slidechat_restricted_pickle"
-
-
-def restricted_torch_load(path: str | Path) -> Any:
-    """`torch.load` a checkpoint on CPU, stubbing every class outside a small allow-list.
-
-    Memory-maps zip-format files so a 15 GB checkpoint is not read into memory twice.
-    """
-    path = Path(path)
-    _RestrictedUnpickler.stubbed = set()
-    mmap = zipfile.is_zipfile(path)
-    obj = torch.load(
-        path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_RestrictedPickleModule
-    )
-    if _RestrictedUnpickler.stubbed:
-        log.info("stubbed %d unknown classes in %s: %s", len(_RestrictedUnpickler.stubbed), path,
-                 ", ".join(sorted(_RestrictedUnpickler.stubbed)))
-    return obj
-
-
-def stubbed_classes() -> set[str]:
-    """Classes replaced by stubs during the last `restricted_torch_load`."""
-    return set(_RestrictedUnpickler.stubbed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,53 +52,11 @@ def find_deepspeed_model_file(folder: Path) -> Path | None:
     if len(below) == 1:
         return below[0]
     if len(below) > 1:
-        raise ValueError(
+        raise InputError(
             f"{folder} holds several DeepSpeed checkpoints ({', '.join(str(p.parent.name) for p in below)}); "
             "pass the one to load"
         )
     return None
-
-
-def _is_tensor_dict(d: Any) -> bool:
-    return isinstance(d, dict) and bool(d) and all(isinstance(k, str) for k in d) and all(
-        isinstance(v, torch.Tensor) for v in d.values()
-    )
-
-
-def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The model state dict inside a loaded checkpoint: under `module`, `state_dict`, `model`, or the dict itself."""
-    if _is_tensor_dict(obj):
-        sd = obj
-    else:
-        sd = None
-        if isinstance(obj, dict):
-            for key in ("module", "state_dict", "model"):
-                inner = obj.get(key)
-                if _is_tensor_dict(inner):
-                    sd = inner
-                    break
-                if isinstance(inner, dict) and key == "module" and not inner:
-                    raise ValueError(
-                        f"{source}: the DeepSpeed `module` entry is empty (a ZeRO-3 checkpoint keeps its weights "
-                        "in the optimizer shards); consolidate it with DeepSpeed's zero_to_fp32.py first"
-                    )
-        if sd is None:
-            keys = list(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"{source}: no state dict found (looked for 'module', 'state_dict', 'model'); top level: {keys}")
-    sd = dict(sd)
-    if sd and all(k.startswith("module.") for k in sd):  # DDP wrapper prefix
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of one weight file: safetensors directly, torch pickles through the restricted loader."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return extract_state_dict(restricted_torch_load(path), str(path))
 
 
 def read_weight_dir(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -232,10 +66,10 @@ def read_weight_dir(folder: str | Path) -> dict[str, torch.Tensor]:
     safet = [p for p in files if p.suffix == ".safetensors"]
     files = safet or files  # prefer safetensors when both were saved
     if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt, *.pth) in {folder}")
+        raise MissingCheckpointError(f"no weight files (*.safetensors, *.bin, *.pt, *.pth) in {folder}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(read_weight_file(f))
+        sd.update(read_state_dict(f))
     return sd
 
 
@@ -252,10 +86,10 @@ FORMAT_VERSION = 1
 
 def _require_dir(path: str | Path | None, what: str) -> Path:
     if path is None:
-        raise FileNotFoundError(f"no LLM directory given: set `llm` (config key / --llm option) to a local {what}")
+        raise MissingCheckpointError(f"no LLM directory given: set `llm` (config key / --llm option) to a local {what}")
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"LLM directory not found: {p} (set `llm`, the config key / --llm option, to a local {what})")
+        raise MissingCheckpointError(f"LLM directory not found: {p} (set `llm`, the config key / --llm option, to a local {what})")
     return p
 
 
@@ -274,7 +108,8 @@ def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
-def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None) -> nn.Module:
+def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None,
+                         source: str) -> nn.Module:
     """Build the LLM of `path`'s config and fill it strictly from `weights` (no base weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -282,26 +117,16 @@ def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: to
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     with init_empty_weights(include_buffers=False):
         llm = AutoModelForCausalLM.from_config(config)
-    expected = set(llm.state_dict().keys())
-    got = set(weights)
-    missing = sorted(expected - got)
     tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False))
-    if tied:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    unexpected = sorted(got - expected)
-    if missing or unexpected:
-        raise KeyError(
-            "LLM weights in the checkpoint do not match the LLM architecture of "
-            f"{path}: missing {len(missing)} {missing[:10]}, unexpected {len(unexpected)} {unexpected[:10]}"
-        )
     if torch_dtype is not None:
         weights = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    llm.load_state_dict(weights, strict=False, assign=True)
-    if tied and "lm_head.weight" not in got:
+    load_strict(llm, weights, f"{source} (llm., the LLM architecture of {path})",
+                allow_missing=("lm_head.weight",) if tied else ())
+    if "lm_head.weight" not in weights and tied:
         llm.tie_weights()
     left = [n for n, p in llm.named_parameters() if p.device.type == "meta"]
     if left:
-        raise KeyError(f"LLM parameters not filled from the checkpoint: {left[:10]}")
+        raise InputError(f"{source}: LLM parameters not filled from the checkpoint: {left[:10]}")
     return llm.eval()
 
 
@@ -329,7 +154,7 @@ def load_model(path: str | Path, llm: str | Path | None = None, torch_dtype: tor
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingCheckpointError(f"checkpoint not found: {path}")
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return _load_our_dir(path, llm, torch_dtype)
     if path.is_dir() and (path / "LongNet_encoder").is_dir() and (path / "projector").is_dir():
@@ -337,12 +162,12 @@ def load_model(path: str | Path, llm: str | Path | None = None, torch_dtype: tor
     if path.is_dir():
         f = find_deepspeed_model_file(path)
         if f is None:
-            raise FileNotFoundError(
+            raise MissingCheckpointError(
                 f"{path} is neither our model directory ({CONFIG_FILE}), an xtuner folder "
                 f"(LongNet_encoder/, projector/) nor a DeepSpeed folder ({DEEPSPEED_MODEL_FILE})"
             )
         path = f
-    state = read_weight_file(path)
+    state = read_state_dict(path)
     return model_from_released_state_dict(state, llm, torch_dtype, config, source=str(path))
 
 
@@ -360,7 +185,7 @@ def model_from_released_state_dict(state: dict[str, Tensor], llm: str | Path | N
         else:
             other.append(k)
     if other:
-        raise KeyError(f"{source}: unexpected keys outside LongNet_encoder./projector./llm.: {sorted(other)[:20]}")
+        raise InputError(f"{source}: unexpected keys outside LongNet_encoder./projector./llm.: {sorted(other)[:20]}")
     return _assemble(groups["LongNet_encoder."], groups["projector."], groups["llm."], llm, torch_dtype,
                      config, source, llm_dir_with_weights=None)
 
@@ -390,19 +215,19 @@ def _assemble(enc: dict[str, Tensor], proj: dict[str, Tensor], llm_weights: dict
               llm: str | Path | None, torch_dtype: torch.dtype | None, config: SlideChatConfig | None,
               source: str, llm_dir_with_weights: Path | None) -> SlideChat:
     if not enc or not proj:
-        raise KeyError(f"{source}: no {'LongNet_encoder' if not enc else 'projector'} weights found")
+        raise InputError(f"{source}: no {'LongNet_encoder' if not enc else 'projector'} weights found")
     cfg = SlideChatConfig(**{**(config.to_dict() if config else {}), "llm_hidden_size": None})
     # layer sizes from the weights; heads cannot be read off the weights (config, default 8)
     try:
         cfg.feature_dim = int(proj["model.0.weight"].shape[1])
         cfg.encoder_ffn_dim = int(enc["layers.0.ffn.fc1.weight"].shape[0])
     except KeyError as e:
-        raise KeyError(f"{source}: missing key {e} in the original layout") from None
+        raise InputError(f"{source}: missing key {e} in the original layout") from None
     cfg.encoder_layers = len({k.split(".")[1] for k in enc if k.startswith("layers.")})
     cfg.context = "per_patch"  # what the released weights were trained with
     base = _require_dir(llm, "Hugging Face causal LM directory (the base LLM, e.g. Qwen2.5-7B-Instruct)")
     if llm_weights:
-        llm_module = _llm_from_state_dict(base, llm_weights, torch_dtype)
+        llm_module = _llm_from_state_dict(base, llm_weights, torch_dtype, source)
     else:
         llm_module = _load_llm(base, torch_dtype)
     model = SlideChat(llm_module, _load_tokenizer(base), cfg, llm_source=str(base))
@@ -418,10 +243,11 @@ def _assemble(enc: dict[str, Tensor], proj: dict[str, Tensor], llm_weights: dict
 
 
 def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype | None) -> SlideChat:
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    cfg = SlideChatConfig.from_dict(meta["config"])
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        cfg = SlideChatConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path / CONFIG_FILE}: not a SlideChat model config ({type(e).__name__}: {e})") from e
     fmt = meta.get("llm_format", "full")
     if fmt == "full":
         base = path / LLM_SUBDIR
@@ -436,11 +262,11 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
 
             llm_module = PeftModel.from_pretrained(llm_module, str(path / ADAPTER_SUBDIR))
         elif fmt != "base":
-            raise ValueError(f"{path / CONFIG_FILE}: unknown llm_format {fmt!r}")
+            raise InputError(f"{path / CONFIG_FILE}: unknown llm_format {fmt!r}")
     model = SlideChat(llm_module, _load_tokenizer(tok_dir), cfg, llm_source=meta.get("llm_source"))
     if fmt == "base":
         model.llm_weights_loaded = False
-    state = load_file(str(path / VISUAL_WEIGHTS_FILE))
+    state = read_safetensors(path / VISUAL_WEIGHTS_FILE)
     load_strict(model, state, str(path / VISUAL_WEIGHTS_FILE), prefixes=("LongNet_encoder.", "projector."))
     if torch_dtype is not None:
         model.LongNet_encoder.to(torch_dtype)
@@ -482,55 +308,28 @@ def save_model(model: SlideChat, out_dir: str | Path, save_llm: bool = True) -> 
     return out_dir
 
 
-def load_strict(module: nn.Module, state: dict[str, Tensor], source: str,
-                 prefixes: tuple[str, ...] | None = None) -> None:
-    """Load `state` into `module`; every key used and none missing, else a KeyError listing them."""
-    expected = module.state_dict()
-    if prefixes is not None:
-        expected = {k: v for k, v in expected.items() if k.startswith(prefixes)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
-        if bad_shape:
-            parts.append("shape mismatch: " + ", ".join(
-                f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in bad_shape[:10]))
-        raise KeyError(f"{source}: checkpoint does not match the model: " + "; ".join(parts))
-    module.load_state_dict(state, strict=False)
-
-
 # ----------------------------------------------------------------------------------------------
 # CLI
 
 
 def convert_main(argv: list[str]) -> int:
-    """`slidechat convert-checkpoint SRC DST [--llm DIR] [--dtype ...]`."""
-    p = argparse.ArgumentParser(
-        prog="slidechat convert-checkpoint",
-        description="Convert a SlideChat checkpoint (DeepSpeed folder, .pt/.pth file, xtuner save_pretrained "
-        "folder) into our safetensors model directory, loaded strictly.",
+    """`slidechat convert-checkpoint SRC DST [--llm DIR] [--dtype ...] [--num-heads N]`."""
+    p = command_parser(
+        "slidechat convert-checkpoint",
+        "Convert a SlideChat checkpoint (DeepSpeed folder, .pt/.pth file, xtuner save_pretrained folder) into "
+        "our safetensors model directory, loaded strictly.",
+        "slidechat convert-checkpoint SlideChat/stage2_pth models/slidechat --llm /models/Qwen2.5-7B-Instruct",
     )
     p.add_argument("src", help="released SlideChat folder (e.g. stage2_pth/), .pt/.pth file, or xtuner folder")
     p.add_argument("dst", help="output model directory")
     p.add_argument("--llm", default=None, help="base LLM directory (config + tokenizer; e.g. Qwen2.5-7B-Instruct)")
     p.add_argument("--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep",
-                   help="dtype of the saved weights (default: as stored)")
+                   help="dtype of the saved weights (keep: as stored)")
     p.add_argument("--num-heads", type=int, default=None,
-                   help="LongNet attention heads (not recoverable from weights; default 8)")
+                   help="LongNet attention heads (not recoverable from the weights; unset: 8)")
     a = p.parse_args(argv)
-
-    dtype = None if a.dtype == "keep" else getattr(torch, a.dtype)
     config = SlideChatConfig(encoder_heads=a.num_heads) if a.num_heads else None
-    try:
-        model = load_model(a.src, llm=a.llm, torch_dtype=dtype, config=config)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}")
-        return 1
-    save_model(model, a.dst, save_llm=model.llm_weights_loaded)
-    print(a.dst)
+    model = load_model(a.src, llm=a.llm, torch_dtype=None if a.dtype == "keep" else getattr(torch, a.dtype),
+                       config=config)
+    print(save_model(model, a.dst, save_llm=model.llm_weights_loaded))
     return 0

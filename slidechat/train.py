@@ -35,6 +35,7 @@ from torch import nn
 
 from wsicore.files import atomic_path, jsonable, write_json
 from wsicore.errors import UserError, EXIT_DIVERGED
+from wsicore.torchfile import read_torch_file
 
 # Issue defaults; configs/train_stage{1,2}.yaml hold the same values.
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
@@ -324,16 +325,26 @@ def list_checkpoints(work_dir: str | os.PathLike) -> list[Path]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) generator states as tuples, numbers and tensors: readable weights-only."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def _set_rng_state(state: dict[str, Any], source: Path) -> None:
+    try:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+        torch.set_rng_state(state["torch"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise TrainSetupError(f"{source}: not a random-generator state written by this version ({e}); remove the "
+                              "work dir to start over") from e
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -358,20 +369,67 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, optimizer: torc
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
-    weights = torch.load(path / "trainable.pt", map_location="cpu")
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
-    if missing:
-        raise TrainSetupError(f"checkpoint {path} lacks trainable parameters (e.g. {missing[:3]}); was it written by "
-                           "a run with other settings? Remove the work dir to start over.")
+    """Resume model, optimizer, scheduler and RNG from checkpoint-<step>; every file read as data only."""
+    weights = read_torch_file(path / "trainable.pt", stubs=False)
     params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise TrainSetupError(f"checkpoint {path} does not hold this model's trainable parameters (missing e.g. "
+                              f"{missing[:3]}, unknown e.g. {unknown[:3]}); was it written by a run with other "
+                              "settings? Remove the work dir to start over.")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    other = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)  # our own file
+    other = read_torch_file(path / "optim.pt", stubs=False)
     optimizer.load_state_dict(other["optimizer"])
     scheduler.load_state_dict(other["scheduler"])
-    _set_rng_state(other["rng"])
+    _set_rng_state(other["rng"], path / "optim.pt")
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _deepspeed_globals() -> dict[str, Any]:
+    """The DeepSpeed records its ZeRO optimizer files pickle, and what to build each with when reading them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def zero_stage(value: int) -> ZeroStageEnum:
+        # An enum member is a process-wide singleton: returned by a function, BUILD can never reach it.
+        return ZeroStageEnum(int(value))
+
+    classes = (LossScaler, DynamicLossScaler, fragment_address)  # plain classes: every instance a fresh object
+    return {**{f"{c.__module__}.{c.__qualname__}": c for c in classes},
+            f"{ZeroStageEnum.__module__}.{ZeroStageEnum.__qualname__}": zero_stage}
+
+
+def load_deepspeed_checkpoint(engine: Any, path: Path, rank: int) -> dict:
+    """Resume a DeepSpeed engine from checkpoint-<step> (`path`), reading every file as data only.
+
+    DeepSpeed's own checkpoint engine unpickles with `weights_only=False`; the engine is given one whose
+    `load` is `read_torch_file` (tensors, plain data and the few DeepSpeed records in `_deepspeed_globals`).
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if engine.load_universal_checkpoint():  # those files are unpickled by DeepSpeed's optimizer itself
+        raise TrainSetupError(f"{path}: DeepSpeed universal checkpoints are not resumed (DeepSpeed would unpickle "
+                              "them unrestricted); remove `checkpoint.load_universal` from the DeepSpeed config")
+    trusted = _deepspeed_globals()
+
+    class DataOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return read_torch_file(path, stubs=False, trusted=trusted)
+
+    saving_engine = engine.checkpoint_engine
+    engine.checkpoint_engine = DataOnlyCheckpointEngine()
+    try:
+        _, state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    finally:
+        engine.checkpoint_engine = saving_engine
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(read_torch_file(rng_file, stubs=False), rng_file)
+    return state or json.loads((path / "trainer_state.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------------- logs
@@ -501,11 +559,7 @@ def train(cfg: TrainConfig) -> Path:
         ckpts = []
     if ckpts:
         if engine is not None:
-            _, state = engine.load_checkpoint(str(work_dir), tag=ckpts[-1].name)
-            state = state or json.loads((ckpts[-1] / "trainer_state.json").read_text())
-            rng_file = ckpts[-1] / f"rng_rank{rank}.pt"
-            if rng_file.exists():
-                _set_rng_state(torch.load(rng_file, weights_only=False))
+            state = load_deepspeed_checkpoint(engine, ckpts[-1], rank)
         else:
             state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
         start_step = int(state["step"])

@@ -1,4 +1,7 @@
-"""Strict loading of released-SlideChat-style checkpoints (DeepSpeed folder, .pth, xtuner layout) and conversion."""
+"""Strict loading of released-SlideChat-style checkpoints (DeepSpeed folder, .pth, xtuner layout) and conversion.
+
+Attacks on these loaders (gadgets in every format) are in test_untrusted_files.py.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,15 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from slidechat import checkpoint as ckpt
 from slidechat.checkpoint import load_model, new_model
 from slidechat.model import SlideChat, SlideChatConfig
 from slidechat.tiny import build_tiny_llm
+from wsicore.errors import InputError, UnsafeFileError
+from wsicore.torchfile import Stub, read_torch_file
 
 CORPUS = ["What is the diagnosis of this slide?", "Adenocarcinoma with glands.", "Lymphoid tissue.", "Stroma."] * 3
 FEAT = 32
@@ -29,10 +34,11 @@ def tiny_config(**kw) -> SlideChatConfig:
 
 
 class HistoryBuffer:
-    """Stands in for mmengine's HistoryBuffer; pickled under a module name that does not exist here."""
+    """Stands in for mmengine's HistoryBuffer (numpy arrays inside); pickled under a module name absent here."""
 
     def __init__(self) -> None:
-        self._log_history = [1.0, 2.0]
+        self._log_history = np.array([1.0, 2.0])
+        self._count_history = np.array([1, 1])
         self.max_length = 1000000
 
 
@@ -46,7 +52,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _save_with_foreign_objects(obj, path: Path) -> None:
+def _save_with_foreign_objects(obj, path: Path, zip_format: bool = True) -> None:
     """torch.save `obj` while HistoryBuffer pretends to live in mmengine (then forget that module)."""
     fake = types.ModuleType(FAKE_MODULE)
     fake.HistoryBuffer = HistoryBuffer
@@ -57,7 +63,7 @@ def _save_with_foreign_objects(obj, path: Path) -> None:
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules[FAKE_MODULE] = fake
     try:
-        torch.save(obj, path)
+        torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     finally:
         HistoryBuffer.__module__ = old_module
         for name in [FAKE_MODULE, *parents]:
@@ -87,7 +93,9 @@ def released_state(model: SlideChat, with_llm: bool = True) -> dict[str, torch.T
     return sd
 
 
-def deepspeed_folder(model: SlideChat, root: Path, marker: Path | None = None, with_llm: bool = True) -> Path:
+def deepspeed_folder(model: SlideChat, root: Path, marker: Path | None = None, with_llm: bool = True,
+                     zip_format: bool = True) -> Path:
+    """A released-style DeepSpeed folder; `zip_format=False` writes torch's legacy format (older DeepSpeed)."""
     folder = root / "stage2_pth"
     folder.mkdir(parents=True)
     payload = {
@@ -96,12 +104,12 @@ def deepspeed_folder(model: SlideChat, root: Path, marker: Path | None = None, w
         "optimizer": None,
         "global_steps": 1234,
         "ds_version": "0.14.0",
-        "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}},
+        "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {"iter": np.int64(7)}},
         "meta": {"epoch": 2, "cfg": "..."},
     }
     if marker is not None:
         payload["evil"] = Exploit(marker)
-    _save_with_foreign_objects(payload, folder / "mp_rank_00_model_states.pt")
+    _save_with_foreign_objects(payload, folder / "mp_rank_00_model_states.pt", zip_format)
     return folder
 
 
@@ -112,15 +120,12 @@ def _same_outputs(a: SlideChat, b: SlideChat) -> None:
     assert a.generate(x, q, max_new_tokens=6) == b.generate(x, q, max_new_tokens=6)
 
 
-def test_deepspeed_folder_loads_strictly_without_importing_foreign_classes(source, tiny_llm, tmp_path):
-    marker = tmp_path / "pwned"
-    folder = deepspeed_folder(source, tmp_path, marker)
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_deepspeed_folder_loads_strictly_without_importing_foreign_classes(source, tiny_llm, tmp_path, zip_format):
+    folder = deepspeed_folder(source, tmp_path, zip_format=zip_format)
     assert "mmengine" not in sys.modules
     loaded = load_model(folder, llm=tiny_llm, config=tiny_config())
     assert "mmengine" not in sys.modules and FAKE_MODULE not in sys.modules
-    assert not marker.exists(), "the restricted unpickler must not call os.system"
-    stubbed = ckpt.stubbed_classes()
-    assert f"{FAKE_MODULE}.HistoryBuffer" in stubbed and any(s.endswith(".system") for s in stubbed)
     assert loaded.config.context == "per_patch" and loaded.llm_weights_loaded
     _same_outputs(source, loaded)
     # the LLM weights came from the checkpoint, not from the base directory
@@ -128,9 +133,26 @@ def test_deepspeed_folder_loads_strictly_without_importing_foreign_classes(sourc
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base.llm.state_dict()[name], loaded.llm.state_dict()[name])
     torch.testing.assert_close(loaded.llm.state_dict()[name], source.llm.state_dict()[name], atol=0, rtol=0)
-    # the file itself, and the folder one level above, work too
-    assert load_model(folder / "mp_rank_00_model_states.pt", llm=tiny_llm, config=tiny_config())
-    assert load_model(tmp_path, llm=tiny_llm, config=tiny_config())
+    # the mmengine history buffer and the numpy values in it are inert stubs keeping what was pickled
+    raw = read_torch_file(folder / "mp_rank_00_model_states.pt")
+    buf = raw["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buf, Stub) and buf.stub_of == f"{FAKE_MODULE}.HistoryBuffer"
+    assert buf.state["max_length"] == 1000000 and buf.state["_log_history"].stub_of.endswith("multiarray._reconstruct")
+    assert raw["global_steps"] == 1234 and raw["ds_version"] == "0.14.0"
+    # the file itself, and the folder one level above, give the same model
+    x = torch.randn(9, FEAT)
+    for path in (folder / "mp_rank_00_model_states.pt", tmp_path):
+        again = load_model(path, llm=tiny_llm, config=tiny_config())
+        torch.testing.assert_close(again.encode_slide(x), source.encode_slide(x), atol=1e-6, rtol=1e-6)
+
+
+def test_os_system_in_a_zip_checkpoint_is_refused_and_never_runs(source, tiny_llm, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = deepspeed_folder(source, tmp_path, marker)
+    with pytest.raises(UnsafeFileError, match=r"mp_rank_00_model_states\.pt: refused: .*posix\.system"):
+        load_model(folder, llm=tiny_llm, config=tiny_config())
+    assert not marker.exists(), "os.system must never be called"
+    assert "mmengine" not in sys.modules
 
 
 def test_context_is_forced_to_per_patch_for_released_weights(source, tiny_llm, tmp_path):
@@ -168,8 +190,9 @@ def test_missing_extra_and_misshaped_keys_fail_clearly(source, tiny_llm, tmp_pat
     for name, state in cases.items():
         path = tmp_path / f"{name}.pth"
         torch.save({"module": state}, path)
-        with pytest.raises(KeyError, match=expect[name].replace(".", r"\.")):
+        with pytest.raises(InputError, match=expect[name].replace(".", r"\.")) as err:
             load_model(path, llm=tiny_llm, config=tiny_config())
+        assert str(path) in str(err.value)
 
 
 def test_stage1_checkpoint_without_llm_keys_uses_base_llm(source, tiny_llm, tmp_path):
@@ -183,7 +206,7 @@ def test_stage1_checkpoint_without_llm_keys_uses_base_llm(source, tiny_llm, tmp_
 def test_released_checkpoint_needs_llm_dir(source, tmp_path):
     path = tmp_path / "m.pth"
     torch.save(released_state(source), path)
-    with pytest.raises(FileNotFoundError, match="`llm`"):
+    with pytest.raises(InputError, match="`llm`"):
         load_model(path, llm=None, config=tiny_config())
 
 
@@ -205,7 +228,7 @@ def test_xtuner_save_pretrained_layout(source, tiny_llm, tmp_path):
     _same_outputs(source, loaded)
 
 
-def test_convert_checkpoint_cli_writes_safetensors_dir(source, tiny_llm, tmp_path):
+def test_convert_checkpoint_cli_writes_safetensors_dir(source, tiny_llm, tmp_path, capsys):
     from slidechat.cli import main
 
     folder = deepspeed_folder(source, tmp_path / "src")
@@ -222,4 +245,31 @@ def test_convert_checkpoint_cli_writes_safetensors_dir(source, tiny_llm, tmp_pat
     x = torch.randn(13, FEAT)
     # per_patch outputs do not depend on segment lengths (every sequence has length 1)
     torch.testing.assert_close(loaded.encode_slide(x), source.encode_slide(x), atol=1e-6, rtol=1e-6)
-    assert main(["convert-checkpoint", str(tmp_path / "nothing"), str(tmp_path / "x"), "--llm", str(tiny_llm)]) == 1
+    capsys.readouterr()
+    assert main(["convert-checkpoint", str(tmp_path / "nothing"), str(tmp_path / "x"), "--llm", str(tiny_llm)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"slidechat convert-checkpoint: error: checkpoint not found: {tmp_path / 'nothing'}\n"
+    assert not (tmp_path / "x").exists()
+
+
+def test_our_directory_refuses_int_or_non_finite_slide_encoder_weights(source, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from slidechat.checkpoint import save_model
+
+    saved = save_model(source, tmp_path / "ours")
+    weights = saved / "slide_encoder.safetensors"
+    clean = load_file(str(weights))
+    key = "LongNet_encoder.layers.0.ffn.fc1.weight"
+    x = torch.randn(7, FEAT)
+    torch.testing.assert_close(load_model(saved).encode_slide(x), source.encode_slide(x), atol=1e-6, rtol=1e-6)
+    cases = {"int": (clean[key] * 100).to(torch.int64),
+             "nan": clean[key].clone().index_fill_(1, torch.tensor([2]), float("nan")),
+             "inf": clean[key].clone().index_fill_(0, torch.tensor([0]), -float("inf"))}
+    expect = {"int": r"wrong dtype \(1\): " + key.replace(".", r"\.") + r" torch\.int64 \(model torch\.float32\)",
+              "nan": r"NaN or infinite values \(1\): " + key.replace(".", r"\."),
+              "inf": r"NaN or infinite values \(1\): " + key.replace(".", r"\.")}
+    for name, bad in cases.items():
+        save_file({**clean, key: bad}, str(weights))
+        with pytest.raises(InputError, match=rf"{weights}: .*{expect[name]}"):
+            load_model(saved)

@@ -12,15 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocessing.encoders import (
-    EncoderCheckpointError,
-    build_encoder,
-    checkpoint_sha256,
-)
+from preprocessing.encoders import EncoderCheckpointError, build_encoder, checkpoint_sha256
 from preprocessing.encoders.conch import CONCH_TINY, CONCH_V1, ConchVisionConfig
 from preprocessing.encoders.transforms import OPENAI_MEAN, OPENAI_STD, Preprocess, get_transform
+from wsicore.errors import InputError
+from wsicore.torchfile import read_state_dict
 
-conch_factory = pytest.importorskip("conch.open_clip_custom.factory", reason="official CONCH package (conch-fork)")
+
+@pytest.fixture
+def conch_factory():
+    """The official CONCH model factory; only the tests comparing with it are skipped without it."""
+    return pytest.importorskip("conch.open_clip_custom.factory", reason="official CONCH package (conch-fork)")
 
 
 def official_cfg(v: ConchVisionConfig) -> dict:
@@ -41,7 +43,8 @@ def official_cfg(v: ConchVisionConfig) -> dict:
     }
 
 
-def official_checkpoint(tmp_path, v: ConchVisionConfig, seed: int, via_loader: bool = True) -> tuple[str, torch.nn.Module]:
+def official_checkpoint(conch_factory, tmp_path, v: ConchVisionConfig, seed: int,
+                        via_loader: bool = True) -> tuple[str, torch.nn.Module]:
     """Random weights for the official architecture saved as a `pytorch_model.bin`, and the official model.
 
     With `via_loader` the official model is rebuilt by the official `create_model` from the file; otherwise
@@ -60,8 +63,8 @@ def official_checkpoint(tmp_path, v: ConchVisionConfig, seed: int, via_loader: b
     return str(path), model
 
 
-def test_conch_tiny_architecture_matches_official_encode_image(tmp_path):
-    path, official = official_checkpoint(tmp_path, CONCH_TINY, seed=1)
+def test_conch_tiny_architecture_matches_official_encode_image(conch_factory, tmp_path):
+    path, official = official_checkpoint(conch_factory, tmp_path, CONCH_TINY, seed=1)
     ours = build_encoder("conch_tiny", checkpoint=path)
     torch.manual_seed(0)
     x = torch.randn(3, 3, 224, 224)
@@ -80,9 +83,9 @@ def test_conch_tiny_architecture_matches_official_encode_image(tmp_path):
         assert not torch.allclose(build_encoder("conch_tiny")(x), ref, atol=1e-3)
 
 
-def test_conch_v1_vit_b16_matches_official_at_224_and_448(tmp_path):
+def test_conch_v1_vit_b16_matches_official_at_224_and_448(conch_factory, tmp_path):
     """Full CONCH ViT-B/16 vision tower on shared random weights (slow-ish: two images per size)."""
-    path, official = official_checkpoint(tmp_path, CONCH_V1, seed=3, via_loader=False)
+    path, official = official_checkpoint(conch_factory, tmp_path, CONCH_V1, seed=3, via_loader=False)
     ours = build_encoder("conch_v1", checkpoint=path, transform="conch_official")
     assert ours.checkpoint_sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert ours.seed is None
@@ -96,33 +99,44 @@ def test_conch_v1_vit_b16_matches_official_at_224_and_448(tmp_path):
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_strict_loading_names_bad_missing_and_unknown_keys(tmp_path):
-    path, _ = official_checkpoint(tmp_path, CONCH_TINY, seed=1)
-    state = torch.load(path, weights_only=True)
+def test_strict_loading_names_bad_missing_and_unknown_keys(conch_factory, tmp_path):
+    path, _ = official_checkpoint(conch_factory, tmp_path, CONCH_TINY, seed=1)
+    state = read_state_dict(path)
 
     renamed = dict(state)
     renamed["visual.trunk.blocks.0.attn.qkv.weightX"] = renamed.pop("visual.trunk.blocks.0.attn.qkv.weight")
     torch.save(renamed, tmp_path / "renamed.bin")
-    with pytest.raises(EncoderCheckpointError) as err:
+    with pytest.raises(InputError) as err:
         build_encoder("conch_tiny", checkpoint=tmp_path / "renamed.bin")
-    assert "trunk.blocks.0.attn.qkv.weightX" in str(err.value)  # unexpected
-    assert "missing keys: trunk.blocks.0.attn.qkv.weight" in str(err.value)
+    assert str(tmp_path / "renamed.bin") in str(err.value)
+    assert "unexpected keys (1): trunk.blocks.0.attn.qkv.weightX" in str(err.value)
+    assert "missing keys (1): trunk.blocks.0.attn.qkv.weight" in str(err.value)
 
     stray = dict(state)
     stray["adapter.scale"] = torch.zeros(1)
     torch.save(stray, tmp_path / "stray.bin")
-    with pytest.raises(EncoderCheckpointError, match="adapter.scale"):
+    with pytest.raises(InputError, match=r"unexpected keys \(1\): adapter\.scale"):
         build_encoder("conch_tiny", checkpoint=tmp_path / "stray.bin")
 
     shape = dict(state)
     shape["visual.ln_contrast.weight"] = torch.ones(7)
     torch.save(shape, tmp_path / "shape.bin")
-    with pytest.raises(EncoderCheckpointError, match="ln_contrast.weight"):
+    with pytest.raises(InputError, match=r"shape mismatch \(1\): ln_contrast\.weight \(7,\) \(model \(512,\)\)"):
         build_encoder("conch_tiny", checkpoint=tmp_path / "shape.bin")
 
-    # the official loader would accept the renamed file silently (strict=False) with a random qkv
+    as_int = dict(state)
+    as_int["visual.ln_contrast.weight"] = torch.ones(512, dtype=torch.int32)
+    torch.save(as_int, tmp_path / "int.bin")
+    with pytest.raises(InputError, match=r"wrong dtype \(1\): ln_contrast\.weight torch\.int32"):
+        build_encoder("conch_tiny", checkpoint=tmp_path / "int.bin")
+
+    # the official loader accepts the renamed file silently (strict=False): its qkv stays random
     official = conch_factory.create_model(official_cfg(CONCH_TINY), checkpoint_path=str(tmp_path / "renamed.bin"))
-    assert official is not None
+    qkv = official.visual.trunk.blocks[0].attn.qkv.weight
+    assert qkv.shape == state["visual.trunk.blocks.0.attn.qkv.weight"].shape
+    assert not torch.allclose(qkv, state["visual.trunk.blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(official.visual.trunk.blocks[0].attn.proj.weight,
+                               state["visual.trunk.blocks.0.attn.proj.weight"], atol=0, rtol=0)
 
     # a DataParallel-wrapped {"state_dict": {"module.visual...."}} checkpoint is the same weights
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "wrapped.pt")
@@ -140,7 +154,7 @@ def test_missing_or_unreadable_checkpoint_is_a_clear_error(tmp_path):
         build_encoder("conch_v1")  # real weights are never silently random
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(EncoderCheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(InputError, match=f"{junk}: cannot be read as a torch checkpoint"):
         build_encoder("conch_tiny", checkpoint=junk)
     with pytest.raises(ValueError, match="unknown encoder"):
         build_encoder("conch_v9")
@@ -175,7 +189,7 @@ def test_slidechat_transform_equals_totensor_normalize():
 
 def test_conch_official_transform_close_to_official_pil_pipeline():
     """224 -> 448 bicubic on the device vs CONCH's PIL transform: same geometry, kernel differs slightly."""
-    from conch.open_clip_custom.transform import image_transform
+    image_transform = pytest.importorskip("conch.open_clip_custom.transform", reason="official CONCH package").image_transform
 
     rng = np.random.default_rng(1)
     # smooth image (tissue-like) plus noise: the bicubic kernels differ most on pixel-level noise
@@ -215,8 +229,14 @@ def test_resnet50_trunc_loads_a_full_resnet50_checkpoint(tmp_path):
     assert enc.transform.name == "imagenet"
     bad = {k.replace("layer2.0.conv1", "layer2.0.convX"): v for k, v in full.state_dict().items()}
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(EncoderCheckpointError, match="layer2.0.conv1.weight"):
+    with pytest.raises(InputError, match=r"missing keys \(1\): layer2\.0\.conv1\.weight"):
         build_encoder("resnet50_trunc", checkpoint=tmp_path / "bad.pth")
+    # BatchNorm's integer step counters are integers in the model too: the same weights as safetensors load
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "resnet50.safetensors"))
+    with torch.inference_mode():
+        torch.testing.assert_close(build_encoder("resnet50_trunc", checkpoint=tmp_path / "resnet50.safetensors")(x), got)
 
 
 def test_any_timm_model_by_name_from_a_local_checkpoint(tmp_path):
@@ -240,7 +260,7 @@ def test_checkpoint_sha256_is_cached_by_path_mtime_size(tmp_path, monkeypatch):
     from preprocessing import encoders
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(encoders, "_HASH_MEMO", {})
+    encoders._file_sha256.cache_clear()
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc" * 1000)
     digest = checkpoint_sha256(f)
@@ -251,10 +271,9 @@ def test_checkpoint_sha256_is_cached_by_path_mtime_size(tmp_path, monkeypatch):
     key = next(iter(cache))
     cache[key] = "0" * 64
     (tmp_path / "cache" / "wsi-slidechat" / "checkpoint_sha256.json").write_text(json.dumps(cache))
-    monkeypatch.setattr(encoders, "_HASH_MEMO", {})
+    encoders._file_sha256.cache_clear()
     assert checkpoint_sha256(f) == "0" * 64
     # ... and a changed file is re-hashed
     f.write_bytes(b"abd" * 1000)
     os.utime(f, ns=(1, 10**9))
-    monkeypatch.setattr(encoders, "_HASH_MEMO", {})
-    assert checkpoint_sha256(f) == hashlib.sha256(b"abd" * 1000).hexdigest()
+    assert checkpoint_sha256(f) == hashlib.sha256(b"abd" * 1000).hexdigest()  # new (mtime, size): not memoised

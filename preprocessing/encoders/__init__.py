@@ -13,20 +13,21 @@ benchmarks and tests, and that is recorded (sha256 null, seed set).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from wsicore.errors import InputError
 from wsicore.files import sha256_file, write_json
 
 from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
-from wsicore.errors import InputError
 
 CHECKPOINT_CONFIG_KEY = "features.checkpoint"
 
@@ -52,35 +53,7 @@ def _require_checkpoint(path: str | os.PathLike, encoder: str) -> Path:
     return p
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a `.bin/.pt/.pth` (torch, loaded with weights_only) or `.safetensors` checkpoint.
-
-    Unwraps `{"state_dict": ...}` / `{"model": ...}` and a DataParallel `module.` prefix.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # any parse failure is the same user error: an unusable file
-        raise EncoderCheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); config key `{CHECKPOINT_CONFIG_KEY}`"
-        ) from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderCheckpointError(f"checkpoint {path} is not a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
 _HASH_LOCK = threading.Lock()
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def _hash_cache_file() -> Path:
@@ -92,25 +65,27 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     """sha256 of a checkpoint file, cached by (real path, mtime, size) so reruns do not re-hash gigabytes."""
     p = Path(path).resolve()
     st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
+    return _file_sha256(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.cache
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of `path` as it was at (mtime, size): from the on-disk cache shared by runs, else hashed."""
+    cache_key = f"{path}|{mtime_ns}|{size}"
     with _HASH_LOCK:
-        if key in _HASH_MEMO:
-            return _HASH_MEMO[key]
         cache_file = _hash_cache_file()
-        cache_key = f"{key[0]}|{key[1]}|{key[2]}"
         try:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
         digest = cache.get(cache_key)
         if digest is None:
-            digest = sha256_file(p)
+            digest = sha256_file(path)
             cache[cache_key] = digest
             try:
                 write_json(cache_file, cache)
             except OSError:
                 pass  # a read-only home only costs a re-hash next time
-        _HASH_MEMO[key] = digest
         return digest
 
 
@@ -182,57 +157,39 @@ class PatchEncoder(nn.Module):
 Builder = Callable[[Path | None, int], tuple[nn.Module, int, dict]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncoderEntry:
     builder: Builder
     default_transform: str
-    needs_checkpoint: bool  # False: random weights from the seed are the intended weights (tiny demo model)
-    description: str = ""
-    extra: dict = field(default_factory=dict)
+    needs_checkpoint: bool = True  # False: random weights from the seed are the intended weights (tiny demo model)
 
 
-ENCODERS: dict[str, EncoderEntry] = {}
+def _conch(shape: str) -> Builder:
+    """Builder of the CONCH vision tower with the shape `conch.<shape>` (CONCH_V1, CONCH_TINY)."""
+
+    def build(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
+        from . import conch
+
+        return conch.build_conch(getattr(conch, shape), checkpoint, seed)
+
+    return build
 
 
-def register_encoder(name: str, default_transform: str, needs_checkpoint: bool = True, description: str = ""):
-    """Decorator adding a builder to the registry under `name`."""
+def _resnet50_trunc(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
+    from .timm_models import build_resnet50_trunc
 
-    def deco(fn: Builder) -> Builder:
-        ENCODERS[name] = EncoderEntry(fn, default_transform, needs_checkpoint, description)
-        return fn
+    return build_resnet50_trunc(checkpoint, seed)
 
-    return deco
+
+ENCODERS: dict[str, EncoderEntry] = {
+    "conch_v1": EncoderEntry(_conch("CONCH_V1"), "conch_official"),  # CONCH ViT-B/16 vision tower, 512-d
+    "conch_tiny": EncoderEntry(_conch("CONCH_TINY"), "slidechat", needs_checkpoint=False),  # demo/tests, 512-d
+    "resnet50_trunc": EncoderEntry(_resnet50_trunc, "imagenet"),  # timm ResNet-50 cut after layer 3, 1024-d
+}
 
 
 def available_encoders() -> list[str]:
     return sorted(ENCODERS) + ["timm:<model name>"]
-
-
-@register_encoder("conch_v1", "conch_official", description="CONCH ViT-B/16 vision tower, 512-d")
-def _build_conch_v1(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
-    from .conch import CONCH_V1, ConchVisionTower, load_conch_checkpoint
-
-    model = seeded(seed, lambda: ConchVisionTower(CONCH_V1))
-    if checkpoint is not None:
-        load_conch_checkpoint(model, checkpoint)  # type: ignore[arg-type]
-    return model, CONCH_V1.embed_dim, {"arch": "conch_vision", **CONCH_V1.to_dict()}
-
-
-@register_encoder("conch_tiny", "slidechat", needs_checkpoint=False, description="tiny CONCH-architecture model, 512-d")
-def _build_conch_tiny(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
-    from .conch import CONCH_TINY, ConchVisionTower, load_conch_checkpoint
-
-    model = seeded(seed, lambda: ConchVisionTower(CONCH_TINY))
-    if checkpoint is not None:
-        load_conch_checkpoint(model, checkpoint)  # type: ignore[arg-type]
-    return model, CONCH_TINY.embed_dim, {"arch": "conch_vision", **CONCH_TINY.to_dict()}
-
-
-@register_encoder("resnet50_trunc", "imagenet", description="timm ResNet-50 truncated after layer 3, 1024-d")
-def _build_resnet50_trunc(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
-    from .timm_models import build_resnet50_trunc
-
-    return build_resnet50_trunc(checkpoint, seed)
 
 
 def build_encoder(
@@ -297,6 +254,4 @@ __all__ = [
     "build_encoder",
     "checkpoint_sha256",
     "get_transform",
-    "read_state_dict",
-    "register_encoder",
 ]

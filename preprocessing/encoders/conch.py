@@ -7,9 +7,10 @@ normalised query before the contrastive projection, i.e. the official
 `CoCa.encode_image(x, proj_contrast=False, normalize=False)`, 512-d.
 
 Parameter names follow the official checkpoint's `visual.*` keys exactly, so `pytorch_model.bin`
-loads with `strict=True`; the official loader uses `strict=False` and would silently run with random
-weights for any key it does not find. The text tower and the captioning decoder in the checkpoint are
-known, expected extras and are skipped; any other unknown key, or a missing one, is an error that names it.
+loads strictly (`wsicore.torchfile.load_strict`); the official loader uses `strict=False` and would
+silently run with random weights for any key it does not find. The text tower and the captioning decoder
+in the checkpoint are known, expected extras and are skipped; any other unknown key, or a missing one, is
+an error that names it. The file is read as data only (`wsicore.torchfile.read_state_dict`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import EncoderCheckpointError, read_state_dict
+from wsicore.torchfile import load_strict, read_state_dict
+
+from . import seeded
 
 # Keys of the full CoCa checkpoint that belong to the text side; the vision tower does not use them.
 NON_VISUAL_PREFIXES = ("text.", "text_decoder.", "logit_scale")
@@ -104,48 +107,32 @@ class ConchVisionTower(nn.Module):
         return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
 
 
-def conch_visual_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def build_conch(cfg: ConchVisionConfig, checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
+    """The vision tower of shape `cfg`: weights from `checkpoint`, else random from `seed`."""
+    model = seeded(seed, lambda: ConchVisionTower(cfg))
+    if checkpoint is not None:
+        load_conch_checkpoint(model, checkpoint)
+    return model, cfg.embed_dim, {"arch": "conch_vision", **cfg.to_dict()}
+
+
+def conch_visual_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The vision tower's entries of a CONCH checkpoint (full CoCa `visual.*` or vision-only), prefix removed.
 
-    Raises `EncoderCheckpointError` naming any key that is neither visual nor a known text-side key.
+    Text-side keys are dropped; any other key is kept as it is, so that strict loading names it.
     """
-    if any(k.startswith("visual.") for k in state):
-        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-        unknown = sorted(k for k in state if not k.startswith("visual.") and not k.startswith(NON_VISUAL_PREFIXES))
-        if unknown:
-            raise EncoderCheckpointError(
-                f"CONCH checkpoint {source}: unexpected keys outside the vision and text towers: {_names(unknown)}"
-            )
-        return visual
-    return dict(state)  # already a vision-tower-only state dict (e.g. saved from ConchVisionTower)
+    if not any(k.startswith("visual.") for k in state):
+        return dict(state)  # already a vision-tower-only state dict (e.g. saved from ConchVisionTower)
+    return {k.removeprefix("visual."): v for k, v in state.items() if not k.startswith(NON_VISUAL_PREFIXES)}
 
 
 def load_conch_checkpoint(model: ConchVisionTower, path: str | Path) -> None:
     """Load a CONCH checkpoint strictly into `model`; position grid resampled when its size differs."""
-    state = conch_visual_state_dict(read_state_dict(path), str(path))
-    expected = model.state_dict()
+    state = conch_visual_state_dict(read_state_dict(path))
     pos = state.get("trunk.pos_embed")
-    if pos is not None and pos.ndim == 3 and pos.shape != expected["trunk.pos_embed"].shape:
+    if pos is not None and pos.ndim == 3 and pos.shape != model.trunk.pos_embed.shape:
         # As the official loader does: the checkpoint's grid is interpolated to the model's grid.
         state["trunk.pos_embed"] = resample_abs_pos_embed(
             pos, new_size=list(model.trunk.patch_embed.grid_size), num_prefix_tokens=1, interpolation="bilinear",
             antialias=False,
         )
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
-        raise EncoderCheckpointError(f"CONCH checkpoint {path} does not match the architecture: " + "; ".join(parts))
-    bad_shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad_shapes:
-        raise EncoderCheckpointError(f"CONCH checkpoint {path}: shape mismatch: {_names(bad_shapes)}")
-    model.load_state_dict(state, strict=True)
-
-
-def _names(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    load_strict(model, state, f"CONCH checkpoint {path}")

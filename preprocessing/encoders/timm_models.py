@@ -1,7 +1,8 @@
 """timm encoders: ResNet-50 truncated after layer 3 (CLAM/TRIDENT `resnet50_trunc`) and any timm model by name.
 
-Weights come only from a local checkpoint (timm/torchvision state dict). Loading is strict except for
-the layers the encoder deliberately drops (ResNet `layer4`/`fc`, a model's classifier head); any other
+Weights come only from a local checkpoint (timm/torchvision state dict, read as data by
+`wsicore.torchfile.read_state_dict`). Loading is strict (`wsicore.torchfile.load_strict`) except for the
+layers the encoder deliberately drops (ResNet `layer4`/`fc`, a model's classifier head); any other
 missing or unexpected key is an error naming it.
 """
 
@@ -14,7 +15,9 @@ import timm
 import torch
 from torch import nn
 
-from . import EncoderCheckpointError, read_state_dict, seeded
+from wsicore.torchfile import load_strict, read_state_dict
+
+from . import seeded
 from .transforms import TransformSpec
 
 
@@ -35,7 +38,7 @@ class ResNet50Trunc(nn.Module):
 def build_resnet50_trunc(checkpoint: Path | None, seed: int) -> tuple[nn.Module, int, dict]:
     model = seeded(seed, ResNet50Trunc)
     if checkpoint is not None:
-        load_strict(model.net, read_state_dict(checkpoint), str(checkpoint), droppable=("layer4.", "fc."))
+        load_strict(model.net, _without(read_state_dict(checkpoint), ("layer4.", "fc.")), str(checkpoint))
     return model, 1024, {"arch": "timm", "model": "resnet50", "truncated_after": "layer3", "pool": "avg"}
 
 
@@ -62,7 +65,7 @@ def build_timm_model(
     if checkpoint is not None:
         classifier = net.pretrained_cfg.get("classifier") or "head"
         heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        load_strict(net, read_state_dict(checkpoint), str(checkpoint), droppable=tuple(h + "." for h in heads))
+        load_strict(net, _without(read_state_dict(checkpoint), tuple(h + "." for h in heads)), str(checkpoint))
     data_cfg = timm.data.resolve_data_config({}, model=net)
     size = int(data_cfg["input_size"][-1])
     crop_pct = float(data_cfg.get("crop_pct", 1.0) or 1.0)
@@ -78,17 +81,6 @@ def build_timm_model(
     return model, int(net.num_features), {"arch": "timm", "model": model_name, "pool": "timm default"}, spec
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, droppable: tuple[str, ...] = ()) -> None:
-    """`load_state_dict(strict=True)` after dropping keys under `droppable`; errors name the offending keys."""
-    state = {k: v for k, v in state.items() if not k.startswith(droppable)}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        msgs = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
-            if keys:
-                msgs.append(f"{label}: " + ", ".join(keys[:12]) + (f" ... ({len(keys) - 12} more)" if len(keys) > 12 else ""))
-        raise EncoderCheckpointError(f"checkpoint {source} does not match the architecture: " + "; ".join(msgs))
-    module.load_state_dict(state, strict=True)
+def _without(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The state dict less the layers the encoder drops on purpose."""
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
