@@ -14,9 +14,7 @@ import torch
 from slidechat import checkpoint as ckpt
 from slidechat.checkpoint import load_model, new_model
 from slidechat.model import SlideChat, SlideChatConfig
-from slidechat.tiny import build_tiny_llm
 
-CORPUS = ["What is the diagnosis of this slide?", "Adenocarcinoma with glands.", "Lymphoid tissue.", "Stroma."] * 3
 FEAT = 32
 FAKE_MODULE = "mmengine.logging.history_buffer"
 
@@ -62,11 +60,6 @@ def _save_with_foreign_objects(obj, path: Path) -> None:
         HistoryBuffer.__module__ = old_module
         for name in [FAKE_MODULE, *parents]:
             sys.modules.pop(name, None)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    return build_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny", CORPUS)
 
 
 @pytest.fixture(scope="module")

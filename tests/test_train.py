@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +37,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny LLM, four slides' feature stores and a records file (one record per slide)."""
-    from slidechat.tiny import build_tiny_llm
-
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_llm: Path) -> dict[str, Path]:
+    """The tiny LLM, four slides' feature stores and a records file (one record per slide)."""
     root = tmp_path_factory.mktemp("train")
-    llm = build_tiny_llm(root / "llm", ANSWERS + QUESTIONS + ["Describe the slide in detail please."] * 3,
-                         vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    llm = tiny_llm
     rng = np.random.default_rng(0)
     feats = root / "features"
     records = []
@@ -250,13 +249,14 @@ def test_launch_command() -> None:
     args = ["--stage", "2", "--data", "d.json", "--out", "m dir"]
     single = T.build_launch_command(1, 1, args, env={})
     assert single.endswith("-m slidechat.cli train --stage 2 --data d.json --out 'm dir'")
-    assert "torchrun" not in single and "--deepspeed" not in single
+    assert "torch.distributed.run" not in single and "--deepspeed" not in single
     one_node = T.build_launch_command(8, 1, args, env={})
-    assert one_node == ("torchrun --nproc_per_node=8 --nnodes=1 --standalone -m slidechat.cli train --stage 2 "
+    torchrun = f"{shlex.quote(sys.executable)} -m torch.distributed.run"  # this interpreter's, not one on PATH
+    assert one_node == (f"{torchrun} --nproc_per_node=8 --nnodes=1 --standalone -m slidechat.cli train --stage 2 "
                         "--data d.json --out 'm dir' --deepspeed configs/deepspeed/zero2.json")
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NODEID": "1"}
     multi = T.build_launch_command(4, 2, args, deepspeed_config="configs/deepspeed/zero3.json", env=slurm)
-    assert multi == ('torchrun --nproc_per_node=4 --nnodes=2 --node_rank=$SLURM_NODEID --rdzv_backend=c10d '
+    assert multi == (f'{torchrun} --nproc_per_node=4 --nnodes=2 --node_rank=$SLURM_NODEID --rdzv_backend=c10d '
                      '--rdzv_endpoint="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)":29500 '
                      '--rdzv_id=$SLURM_JOB_ID -m slidechat.cli train --stage 2 --data d.json --out \'m dir\' '
                      '--deepspeed configs/deepspeed/zero3.json')
@@ -284,11 +284,18 @@ def test_yaml_defaults_and_cli_overrides(tmp_path: Path) -> None:
         T.load_yaml_config(bad)
 
 
-def test_cosine_schedule_shape() -> None:
-    f = T.cosine_with_warmup(100, 0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(55) == pytest.approx(0.5, abs=0.02) and f(99) < 0.01
-    assert all(f(i) >= f(i + 1) for i in range(10, 99))
+def test_lr_schedule_is_warmup_then_cosine_to_the_floor() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = T.lr_schedule(opt, 100, warmup_ratio=0.1, min_lr_ratio=0.2)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 10 warm-up steps from 0 (as xtuner's LinearLR from ~0), peak at step 10, cosine down to 0.2 x lr
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(2.0)
+    assert lrs[55] == pytest.approx(0.4 + 1.6 * 0.5, abs=0.05) and lrs[99] == pytest.approx(0.4, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
