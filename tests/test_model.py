@@ -370,3 +370,30 @@ def test_peft_adapter_round_trip(tiny_llm, tmp_path):
 def test_missing_llm_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="`llm`"):
         new_model(tmp_path / "nope", tiny_config())
+
+
+def test_benchmark_generation_batches_by_visual_tokens(model, tmp_path):
+    import numpy as np
+
+    from preprocessing.stores import write_zarr_store
+    from slidechat.benchmarks_io import Benchmark, BenchItem
+    from slidechat.evaluate import EvalSettings, StoreFinder, generate_for_benchmark, questions_per_call
+
+    assert questions_per_call(EvalSettings(), 38400) == 1  # one question at a time at SlideChat's inference cap
+    assert questions_per_call(EvalSettings(), 10240) == 4 and questions_per_call(EvalSettings(), 500) == 8
+    assert questions_per_call(EvalSettings(max_batch_tokens=10), 500) == 1  # never zero
+    rng = np.random.default_rng(0)
+    for name, n in (("big", 30), ("small", 10)):
+        write_zarr_store(tmp_path / f"{name}.zarr", rng.standard_normal((n, FEAT)).astype(np.float32),
+                         np.zeros((n, 2), np.int64), None, {"encoder": "test"})
+    items = [BenchItem(qid=f"{s}{i}", slide_id=s, question=f"Question {i}?", prompt=f"Question {i}?")
+             for s in ("big", "small") for i in range(5)]
+    calls = []
+    real = model.generate
+    model.generate = lambda features, questions, **kw: calls.append(len(questions)) or real(features, questions, **kw)
+    try:
+        generate_for_benchmark(model, Benchmark("b", "caption_csv", items, []), StoreFinder(tmp_path),
+                               EvalSettings(max_new_tokens=2, max_batch_tokens=70), log=None)
+    finally:
+        del model.generate
+    assert calls == [2, 2, 1, 5]  # 30 visual tokens: 2 questions per call; 10 tokens: all 5 (batch_size 8)
