@@ -164,3 +164,17 @@ def test_zero3_stage2_writes_the_model_and_keeps_fp32_slide_encoder(env: dict[st
     for k, v in start.llm.state_dict().items():  # the LLM gathered from its shards, in 16 bits
         torch.testing.assert_close(saved.llm.state_dict()[k].float(), v.bfloat16().float(), rtol=0, atol=0,
                                    msg=f"LLM weight {k}")
+
+
+def test_gpu_check_cpu_branch(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py at its CPU sizes: every check passes (4-bit is skipped without CUDA)."""
+    out = tmp_path / "gpu_check.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert res.returncode == 0, res.stdout + res.stderr[-5000:]
+    status = {r["check"]: r["status"] for r in json.loads(out.read_text())["results"]}
+    assert status == {"extraction": "PASS", "longnet": "PASS", "stage1": "PASS", "stage1_4bit": "SKIP",
+                      "stage2": "PASS", "stage2_lora": "PASS", "zero2": "PASS", "generate": "PASS", "llm7b": "PASS"}
+    assert res.stdout.count("PASS ") == 8 and "0 failed" in res.stdout
