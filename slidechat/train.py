@@ -8,6 +8,10 @@ Checkpoints (trainable weights, optimizer, scheduler, data position, RNG states)
 lies outside the rule's declared output; a rerun resumes from the newest one. The declared output `--out` is
 the final model directory, written atomically with `checkpoint.save_model`, together with the training
 log (`train_log.csv`) and curves (`training_curves.png`). TensorBoard events are in `<work-dir>/tensorboard`.
+
+What is trained is kept in fp32 and computed in bf16 under autocast (`set_parameter_dtypes`); the loss
+takes logits of the labelled positions only. One optimizer step is one accumulation window of the loop
+(`run_steps`), in one process and under DeepSpeed alike; every rank runs the same number of steps.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     load_in_4bit: bool = False  # stage 1: frozen LLM in bitsandbytes NF4 (GPU only)
-    bf16: bool | None = None  # None = on when CUDA is available
+    bf16: bool | None = None  # bf16 autocast over fp32 master weights; None = on when CUDA is available
     gradient_checkpointing: bool | None = None  # None = on when CUDA is available
     deepspeed: str | None = None  # DeepSpeed JSON config; used when launched by deepspeed/torchrun
     num_workers: int = 0
