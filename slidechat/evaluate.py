@@ -43,7 +43,10 @@ class EvalSettings:
 
     max_new_tokens: int = 500
     answer_with_letter: bool = False  # append LETTER_INSTRUCTION to closed questions (off, as the original)
-    batch_size: int = 8  # questions of one slide per generate call
+    batch_size: int = 8  # questions of one slide per generate call (at most)
+    max_batch_tokens: int = field(default=40960, metadata={"help": (
+        "visual tokens per generate call at most (questions x the slide's tokens): the attention mask and KV "
+        "cache grow with batch x length, so a 38,400-token slide is answered one question at a time")})
     reuse_slide_encoding: bool = True  # False = re-encode the slide for every question (benchmark baseline)
     greedy: bool = True
     caption_prompt: str = DEFAULT_CAPTION_PROMPT
@@ -112,6 +115,12 @@ class GenerationResult:
     timing: dict[str, float]
 
 
+def questions_per_call(settings: EvalSettings, visual_tokens: int) -> int:
+    """Questions of one slide answered by one generate call: at most `batch_size`, and together at most
+    `max_batch_tokens` visual tokens (a batch of 8 at 38,400 tokens needs ~33 GiB for the mask alone)."""
+    return max(1, min(settings.batch_size, settings.max_batch_tokens // max(1, visual_tokens)))
+
+
 def _generate(model, features, questions: list[str], visual_embeds, settings: EvalSettings) -> list[str]:
     kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
     if settings.greedy:
@@ -175,7 +184,7 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
                 t_enc += time.perf_counter() - t1
             answers: list[str] = []
             questions = [build_question(it, settings) for it in items]
-            bs = settings.batch_size if settings.reuse_slide_encoding else 1
+            bs = questions_per_call(settings, visual.shape[0]) if settings.reuse_slide_encoding else 1
             t2 = time.perf_counter()
             for j in range(0, len(questions), max(1, bs)):
                 batch = questions[j:j + bs]
@@ -240,7 +249,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
         "model": str(model_dir), "llm": str(llm) if llm else None, "features_dir": str(features_dir),
         "max_new_tokens": settings.max_new_tokens, "answer_with_letter_instruction": settings.answer_with_letter,
         "letter_instruction_text": LETTER_INSTRUCTION if settings.answer_with_letter else None,
-        "greedy": settings.greedy, "batch_size": settings.batch_size,
+        "greedy": settings.greedy, "batch_size": settings.batch_size, "max_batch_tokens": settings.max_batch_tokens,
         "reuse_slide_encoding": settings.reuse_slide_encoding,
         "prompt_format": IMAGE_TOKEN + "\\n{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}",
         "wall_s": round(wall, 3), **{k: round(v, 4) for k, v in gen.timing.items()}, **settings.extra,
@@ -320,6 +329,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--answer-with-letter", action="store_true",
                    help=f"append '{LETTER_INSTRUCTION}' to closed questions (off by default, as the original)")
     p.add_argument("--batch-size", type=int, default=8, help="questions of one slide per generate call")
+    p.add_argument("--max-batch-tokens", type=int, default=40960, help=EvalSettings.__dataclass_fields__[
+        "max_batch_tokens"].metadata["help"])
     p.add_argument("--no-reuse", action="store_true", help="re-encode the slide for every question (slow; for checks)")
     p.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT, help="prompt for caption CSVs without a question")
     p.add_argument("--judge", default=None, help="optional LLM-as-judge hook module:function(reference, hypothesis)")
@@ -328,7 +339,8 @@ def main(argv: list[str]) -> int:
     add_generation_arguments(p)
     a = p.parse_args(argv)
     settings = EvalSettings(max_new_tokens=a.max_new_tokens, answer_with_letter=a.answer_with_letter,
-                            batch_size=a.batch_size, reuse_slide_encoding=not a.no_reuse,
+                            batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
+                            reuse_slide_encoding=not a.no_reuse,
                             caption_prompt=a.caption_prompt)
     evaluate(a.benchmark, a.features_dir, a.model, a.out_dir, llm=a.llm, settings=settings, slide_map=a.slide_map,
              train_manifests=a.train_manifest, device=a.device, dtype=a.dtype, judge=load_judge(a.judge),

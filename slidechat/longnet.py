@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -73,24 +74,44 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) 
     """Softmax attention over the last two dims of `q, k, v` ([B, H, L, d]); returns (out, lse [B, H, L]).
 
     Uses PyTorch's fused SDPA kernels (the ones behind `F.scaled_dot_product_attention`), which also
-    return the softmax normaliser: the flash kernel on CPU and for fp16/bf16 on CUDA, the
-    memory-efficient kernel for fp32 on CUDA. Falls back to explicit math elsewhere.
+    return the softmax normaliser: the flash kernel on CPU; on CUDA the kernel `cuda_attention_kernel`
+    picks for the GPU and dtype (flash for fp16/bf16 on Ampere or newer, else memory-efficient).
+    Falls back to explicit math elsewhere.
     """
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p=dropout_p)
         return out, lse
     if q.device.type == "cuda":
+        kernel = cuda_attention_kernel(torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1])
         # the dilated branches pass strided views; the CUDA kernels' stride rules differ between
         # versions, and a copy costs little there
         q, k, v = (t.contiguous() for t in (q, k, v))
-        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        if kernel == "flash":
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p=dropout_p)
             return res[0], res[1]
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, compute_log_sumexp=True, dropout_p=dropout_p
-        )
-        return res[0], res[1][..., : q.shape[-2]]
+        if kernel == "efficient":
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, compute_log_sumexp=True, dropout_p=dropout_p
+            )
+            return res[0], res[1][..., : q.shape[-2]]
     return attention_with_lse_math(q, k, v, dropout_p)
+
+
+def cuda_attention_kernel(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> str:
+    """The fused CUDA kernel for a GPU of compute `capability`: "flash", "efficient" or "math".
+
+    Flash attention needs fp16/bf16, head dims up to 256 and an Ampere or newer GPU (sm80+); the
+    memory-efficient kernel runs fp32 and fp16 from sm50 on, bf16 only on sm80+. Elsewhere (fp16
+    or bf16 on a V100 or T4 for flash, bf16 on them at all) the explicit math path is used.
+    Kernels switched off with `torch.backends.cuda.enable_*_sdp(False)` are not chosen.
+    """
+    ampere = capability >= (8, 0)
+    if (dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and ampere
+            and torch.backends.cuda.is_flash_attention_available() and torch.backends.cuda.flash_sdp_enabled()):
+        return "flash"
+    if (dtype != torch.bfloat16 or ampere) and capability >= (5, 0) and torch.backends.cuda.mem_efficient_sdp_enabled():
+        return "efficient"
+    return "math"
 
 
 def attention_with_lse_math(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -392,24 +413,6 @@ def by_token_chunks(fn: Callable[..., Tensor], *xs: Tensor, out_dim: int, chunk:
     return out.view(*xs[0].shape[:-1], out_dim)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm semantics: surviving samples are scaled by 1/keep)."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class LongNetEncoderLayer(nn.Module):
     def __init__(self, cfg: LongNetConfig, depth: int) -> None:
         super().__init__()
@@ -418,7 +421,7 @@ class LongNetEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         # per-layer rate: linspace(0, rate, layers)[depth], as torchscale
         rate = cfg.drop_path_rate * depth / (cfg.num_layers - 1) if cfg.num_layers > 1 else 0.0
-        self.drop_path = DropPath(rate)
+        self.drop_path = DropPath(rate)  # timm's, which torchscale's DropPath calls
         self.ffn = FeedForwardNetwork(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps)
 

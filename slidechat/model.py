@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slidechat.longnet import LongNetConfig, LongNetEncoder
@@ -34,7 +35,7 @@ from slidechat.template import (
     stop_token_ids,
 )
 
-__all__ = ["IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "SlideChat", "SlideChatConfig", "select_patches", "merge_visual_tokens"]
+__all__ = ["IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "SlideChat", "SlideChatConfig", "patch_cap_indices", "merge_visual_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,9 @@ class Projector(nn.Module):
         return self.model(x)
 
 
-def select_patches(n: int, cap: int) -> np.ndarray | None:
-    """Row indices kept under a patch cap: `linspace(0, n-1, cap)` truncated to int (as the original), or None."""
+def patch_cap_indices(n: int, cap: int) -> np.ndarray | None:
+    """Rows of a slide's n patches kept under the patch cap: `linspace(0, n-1, cap)` truncated to int (as the
+    original), or None when all n are kept. The model is the one place the cap is applied (`encode_slide`)."""
     if n <= cap:
         return None
     return np.linspace(0, n - 1, cap, dtype=int)
@@ -226,7 +228,7 @@ class SlideChat(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("a slide with no patches cannot be encoded")
         cap = self.config.max_patches_train if self.training else self.config.max_patches_infer
-        keep = select_patches(x.shape[0], cap)
+        keep = patch_cap_indices(x.shape[0], cap)
         if keep is not None:
             x = x[torch.from_numpy(keep)]
             if coords is not None:
@@ -279,8 +281,10 @@ class SlideChat(nn.Module):
 
         features: one [N_i, F] tensor per sample (or None for text-only samples); input_ids
         [B, T] padded (either side; the mask says where); labels [B, T] or None. The result
-        (right-padded, position ids restarting per sample) goes to the LLM; returns its output
-        (`.loss`, `.logits`; logits follow the expanded sequence).
+        (right-padded, position ids restarting per sample) goes to the LLM; returns its output.
+        Without labels `.logits` is [B, T', V] over the expanded sequence; with labels only the
+        positions that predict a labelled token get logits (`.logits` [n_labelled, V], in batch
+        order) and `.loss` is their mean next-token cross-entropy.
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
@@ -318,7 +322,18 @@ class SlideChat(nn.Module):
             pos[b, :n] = torch.arange(n, device=device)
             if lab_out is not None:
                 lab_out[b, :n] = new_labels[b]
-        return self.llm(inputs_embeds=inputs, attention_mask=att, position_ids=pos, labels=lab_out, **llm_kwargs)
+        if lab_out is None:
+            return self.llm(inputs_embeds=inputs, attention_mask=att, position_ids=pos, **llm_kwargs)
+        # Only positions whose next token is labelled need logits: ~100 text positions instead of the
+        # ~10k visual ones, whose full-vocabulary logits (and their gradients) are GiBs on a 7B model.
+        target = torch.full_like(lab_out, IGNORE_INDEX)
+        target[:, :-1] = lab_out[:, 1:]
+        labelled = target != IGNORE_INDEX
+        out = self.llm(inputs_embeds=inputs, attention_mask=att, position_ids=pos, logits_to_keep=labelled,
+                       **llm_kwargs)
+        # the mean over labelled tokens, as the LLM's own causal-LM loss (logits in fp32)
+        out.loss = F.cross_entropy(out.logits.float(), target[labelled])
+        return out
 
     # ------------------------------------------------------------------------------------------
     # generation

@@ -8,11 +8,16 @@ Checkpoints (trainable weights, optimizer, scheduler, data position, RNG states)
 lies outside the rule's declared output; a rerun resumes from the newest one. The declared output `--out` is
 the final model directory, written atomically with `checkpoint.save_model`, together with the training
 log (`train_log.csv`) and curves (`training_curves.png`). TensorBoard events are in `<work-dir>/tensorboard`.
+
+What is trained is kept in fp32 and computed in bf16 under autocast (`set_parameter_dtypes`); the loss
+takes logits of the labelled positions only. One optimizer step is one accumulation window of the loop
+(`run_steps`), in one process and under DeepSpeed alike; every rank runs the same number of steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -89,7 +94,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     load_in_4bit: bool = False  # stage 1: frozen LLM in bitsandbytes NF4 (GPU only)
-    bf16: bool | None = None  # None = on when CUDA is available
+    bf16: bool | None = None  # bf16 autocast over fp32 master weights; None = on when CUDA is available
     gradient_checkpointing: bool | None = None  # None = on when CUDA is available
     deepspeed: str | None = None  # DeepSpeed JSON config; used when launched by deepspeed/torchrun
     num_workers: int = 0
@@ -131,26 +136,23 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def evenly_spaced(n: int, cap: int | None) -> np.ndarray:
-    """Indices of at most `cap` rows spread evenly over n (the original's np.linspace patch cap)."""
-    if cap is None or n <= cap:
-        return np.arange(n)
-    return np.linspace(0, n - 1, cap, dtype=int)
-
-
 class InstructionDataset(torch.utils.data.Dataset):
-    """Records from `slidechat build-instructions`; features are read lazily from the stores per item."""
+    """Records from `slidechat build-instructions`; features are read lazily from the stores per item.
+
+    Every patch of a slide is returned: the patch cap is the model's (`SlideChat.encode_slide`), the one
+    place it is applied.
+    """
 
     def __init__(self, records: list[dict], tokenizer: Any, features_dir: str | None = None,
-                 max_length: int | None = None, max_patches: int | None = None, cache_slides: int = 32) -> None:
+                 max_length: int | None = None, cache_bytes: int = 1 << 30) -> None:
         self.records = records
         self.tokenizer = tokenizer
         self.features_dir = Path(features_dir) if features_dir else None
         self.max_length = max_length
-        self.max_patches = max_patches
         self._index: Any = None  # preprocessing.stores.FeatureStoreIndex, built on first use
-        # Records repeat slides (many questions per slide): keep the last few slides' features in memory.
-        self.cache_slides = cache_slides
+        # Records repeat slides (many questions per slide): keep the last slides' features in memory, up to
+        # cache_bytes (a 40k-patch slide of 512-d features is 80 MB).
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[Path, torch.Tensor] = OrderedDict()
 
     @classmethod
@@ -184,12 +186,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        feats = load_features(path).features
-        x = torch.from_numpy(np.ascontiguousarray(feats[evenly_spaced(len(feats), self.max_patches)], np.float32))
-        if self.cache_slides > 0:
-            self._cache[path] = x
-            while len(self._cache) > self.cache_slides:
-                self._cache.popitem(last=False)
+        x = torch.from_numpy(np.ascontiguousarray(load_features(path).features, np.float32))
+        self._cache[path] = x
+        while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
         return x
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -220,15 +220,32 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def epoch_padding(n_records: int, batch_size: int, world: int) -> int:
+    """Micro-batches repeated at the end of every epoch so that it splits evenly over `world` ranks."""
+    return -math.ceil(n_records / batch_size) % world
+
+
 def micro_batches(n_records: int, batch_size: int, seed: int, epochs: int, rank: int = 0,
                   world: int = 1) -> list[list[int]]:
-    """All micro-batches of the run, epoch after epoch (each rank takes every world-th batch)."""
+    """This rank's micro-batches of the run, epoch after epoch; each rank takes every world-th batch.
+
+    When an epoch's batches do not split evenly over the ranks, its first batches are dealt again at
+    its end (as torch's DistributedSampler pads), so that every rank runs the same number of steps:
+    a rank with fewer would leave the others waiting in a collective until the timeout.
+    """
     out = []
     for e in range(epochs):
         order = epoch_order(n_records, seed, e)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches += [batches[i % len(batches)] for i in range(epoch_padding(n_records, batch_size, world))]
         out.extend(batches[rank::world])
     return out
+
+
+def optimizer_steps(batches: list[list[int]], grad_accum: int, max_steps: int | None = None) -> list[list[list[int]]]:
+    """Micro-batches grouped per optimizer step (the last group may be shorter), at most `max_steps` groups."""
+    steps = [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+    return steps if max_steps is None else steps[:max_steps]
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -248,20 +265,27 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
     return groups
 
 
+def quantization_config() -> Any:
+    """Stage 1's frozen LLM in 4 bits, as the original: bitsandbytes NF4 with double quantisation, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def _load_4bit_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
     """Stage 1 with the frozen LLM in bitsandbytes NF4 (as the original), new encoder + projector in fp32."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise TrainSetupError("--load-in-4bit needs bitsandbytes: pip install -c constraints.txt bitsandbytes") from e
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        raise TrainSetupError("--load-in-4bit needs bitsandbytes, an optional extra for GPU machines: "
+                              "pip install -c constraints.txt '.[quant]'") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slidechat.model import SlideChat
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, quantization_config=quant, local_files_only=True,
-                                               torch_dtype=torch.bfloat16)
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, quantization_config=quantization_config(),
+                                               local_files_only=True, dtype=torch.bfloat16)
     return SlideChat(llm, AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True), mcfg, llm_source=str(cfg.llm))
 
 
@@ -280,7 +304,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         model = load_model(cfg.init, llm=cfg.llm)
         for k, v in cfg.model.items():  # the architecture comes from --init; only say when flags disagree
             if k in ("context", "bypass_slide_encoder") and getattr(model.config, k) != v:
-                print(f"note: {k}={getattr(model.config, k)!r} from {cfg.init} kept (flag asked {v!r})", flush=True)
+                _note(f"{k}={getattr(model.config, k)!r} from {cfg.init} kept (flag asked {v!r})")
         if cfg.max_patches is not None:
             model.config.max_patches_train = cfg.max_patches
     for name, p in model.named_parameters():
@@ -290,7 +314,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
-        model.llm = get_peft_model(model.llm, lcfg)  # freezes the base LLM, adapters trainable
+        model.llm = get_peft_model(model.llm, lcfg)  # freezes the base LLM, adapters trainable (in fp32)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model.llm, "config", None) is not None:
@@ -298,17 +322,31 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0):
-    """LR multiplier: linear warm-up over warmup_ratio of the steps, then cosine to min_ratio."""
-    warm = int(math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+def set_parameter_dtypes(model: nn.Module, bf16: bool, deepspeed: bool = False) -> None:
+    """Master weights in fp32: what is trained is kept in fp32 and computed in bf16 under autocast.
 
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total_steps - warm)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    transformers loads Qwen2.5 in bf16 (`dtype="auto"`), where AdamW at lr 2e-5 rounds most updates
+    away. So trained parameters become fp32 (exact: bf16 -> fp32 loses nothing); frozen LLM
+    weights stay bf16 when bf16 is on (they never change; autocast computes in bf16 anyway), fp32
+    when it is off. Under DeepSpeed the engine holds the fp32 masters of the LLM itself, which is
+    then loaded in bf16 to save host memory; the slide encoder and projector are always fp32
+    (`train` hands their fp32 values to DeepSpeed's masters). 4-bit weights are left alone.
+    """
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        fp32 = not bf16 or not name.startswith("llm.") or (p.requires_grad and not deepspeed)
+        dtype = torch.float32 if fp32 else torch.bfloat16
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
-    return f
+
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Any:
+    """Linear warm-up over ceil(warmup_ratio x steps), then cosine down to min_lr_ratio x lr (transformers')."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps,
+                                                       min_lr_rate=min_lr_ratio)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -478,6 +516,24 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def _note(message: str) -> None:
+    """A note for the user, printed by rank 0 only (not once per rank)."""
+    if _dist_info()[0] == 0:
+        print(f"note: {message}", flush=True)
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU among the `visible` ones: LOCAL_RANK where the process sees the node's GPUs
+    (torchrun), 0 where it sees exactly one (srun binding one GPU per task)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise TrainSetupError(f"LOCAL_RANK is {local_rank} but this process sees {visible} GPUs "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); give each rank "
+                          "either one GPU or all of its node's")
+
+
 def deepspeed_config(path: str, cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
     """Our DeepSpeed JSON with its "auto" values filled from the training config."""
     ds = json.loads(Path(path).read_text())
@@ -490,11 +546,61 @@ def deepspeed_config(path: str, cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
     for key, on in (("bf16", bf16), ("fp16", False)):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
             ds[key]["enabled"] = on
+    # The loop owns the accumulation window (`engine.step()` after its last micro-batch), so that a
+    # short last window is an optimizer step as in one process, not gradients DeepSpeed drops.
+    ds["managed_gradient_accumulation"] = False
     return ds
+
+
+@dataclass
+class Run:
+    """A prepared training run: what `setup` builds and `resume` and `run_steps` use."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    engine: Any  # the DeepSpeed engine, None in one process
+    data: InstructionDataset
+    steps: list[list[list[int]]]  # this rank's micro-batches (record indices), grouped per optimizer step
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    fingerprint: str
+    pad_id: int
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.cfg.work_dir)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.steps)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one training stage; returns the final model directory `cfg.out`."""
+    run = setup(cfg)
+    start_step = resume(run)
+    if run_steps(run, start_step):
+        write_final(run)
+    return Path(run.cfg.out)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Model, data, optimizer and schedule of a run (under DeepSpeed when `cfg.deepspeed` is set)."""
     cfg = cfg.resolved()
     cuda = torch.cuda.is_available()
     bf16 = cuda if cfg.bf16 is None else cfg.bf16
@@ -504,135 +610,71 @@ def train(cfg: TrainConfig) -> Path:
     use_ds = cfg.deepspeed is not None
     if world > 1 and not use_ds:
         raise TrainSetupError("launched with several processes but without --deepspeed CONFIG "
-                           "(multi-GPU training runs under DeepSpeed ZeRO; see configs/deepspeed/)")
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+                              "(multi-GPU training runs under DeepSpeed ZeRO; see configs/deepspeed/)")
+    device = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count())) if cuda else \
+        torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    work_dir = Path(cfg.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+
     model = build_model(cfg)
+    set_parameter_dtypes(model, bf16, deepspeed=use_ds)
     if cfg.max_patches is None:
         cfg.max_patches = model.config.max_patches_train
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir,
-                                        max_length=cfg.max_length, max_patches=cfg.max_patches)
+    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length)
     if len(data) == 0:
         raise ValueError(f"{cfg.data} holds no training records")
-    batches = micro_batches(len(data), cfg.batch_size, cfg.seed, cfg.epochs, rank, world)
-    total_steps = math.ceil(len(batches) / cfg.grad_accum)
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    pad = epoch_padding(len(data), cfg.batch_size, world)
+    if pad:
+        _note(f"{math.ceil(len(data) / cfg.batch_size)} micro-batches per epoch do not split evenly over {world} "
+              f"ranks: each epoch's first {pad} are repeated at its end, so that every rank runs the same steps")
+    steps = optimizer_steps(micro_batches(len(data), cfg.batch_size, cfg.seed, cfg.epochs, rank, world),
+                            cfg.grad_accum, cfg.max_steps)
 
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio,
-                                                                                cfg.min_lr_ratio))
+    scheduler = lr_schedule(optimizer, len(steps), cfg.warmup_ratio, cfg.min_lr_ratio)
     engine = None
     if use_ds:
-        import deepspeed
+        engine, optimizer, scheduler = _deepspeed_engine(model, optimizer, scheduler, cfg, bf16)
+    return Run(cfg, model, optimizer, scheduler, engine, data, steps, rank, world, device, bf16 and engine is None,
+               run_fingerprint(cfg), pad_id)
 
-        deepspeed.init_distributed()
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg.deepspeed, cfg, bf16))
 
-    start_step, state = 0, {}
-    fingerprint = run_fingerprint(cfg)
-    ckpts = list_checkpoints(work_dir)
-    if ckpts and json.loads((ckpts[-1] / "trainer_state.json").read_text()).get("fingerprint") != fingerprint:
-        if rank == 0:  # other data or settings: these checkpoints belong to another run
-            stale = work_dir / "stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.mkdir()
-            for c in ckpts:
-                c.rename(stale / c.name)
-            print(f"note: checkpoints in {work_dir} came from other data or settings; moved to {stale}, "
-                  "starting from step 0", flush=True)
-        ckpts = []
-    if ckpts:
-        if engine is not None:
-            state = load_deepspeed_checkpoint(engine, ckpts[-1], rank)
-        else:
-            state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
-        start_step = int(state["step"])
-        if rank == 0:
-            print(f"resuming from {ckpts[-1]} (step {start_step}/{total_steps})", flush=True)
-    log = TrainLog(work_dir, start_step, enabled=rank == 0)
-    loader_order = batches[start_step * cfg.grad_accum: total_steps * cfg.grad_accum]
-    loader = torch.utils.data.DataLoader(
-        _Subset(data, loader_order), batch_size=None, num_workers=cfg.num_workers,
-        collate_fn=lambda b: collate(b, pad_id),
-        generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG stays as checkpointed
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and cuda and engine is None)
+def _deepspeed_engine(model: nn.Module, optimizer: Any, scheduler: Any, cfg: TrainConfig, bf16: bool) -> tuple:
+    """DeepSpeed engine, optimizer and scheduler around our model, optimizer and schedule."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
 
-    model.train()
-    step, micro = start_step, 0
-    acc = _Acc()
-    t0 = time.perf_counter()
-    try:
-        for batch in loader:
-            n_in_step = min(cfg.grad_accum, len(batches) - step * cfg.grad_accum)
-            feats = [f.to(device) for f in batch["features"]]
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-            with autocast:
-                out = (engine or model)(features=feats, **inputs)
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1} (records {batch.get('ids')}); stopping. The last good "
-                    f"checkpoint is kept in {work_dir}; lower --lr or check the data, then rerun to resume from it.")
-            acc.add(loss.item(), int(inputs["attention_mask"].sum()) + sum(len(f) for f in feats) - len(feats),
-                    sum(len(f) for f in feats))
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (read before the scheduler moves it)
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                (loss / n_in_step).backward()
-            micro += 1
-            if micro < n_in_step:
-                continue
-            micro = 0
-            if engine is not None:
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            else:
-                clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-                if not math.isfinite(grad_norm):
-                    raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}; stopping. The last "
-                                           f"good checkpoint is kept in {work_dir}.")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            if step % cfg.log_steps == 0 or step == total_steps:
-                log.log({"step": step, "loss": acc.loss(), "lr": lr, "tokens_per_s": acc.tokens / dt,
-                         "patches_per_s": acc.patches / dt, "grad_norm": grad_norm})
-            acc = _Acc()
-            stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
-            if step % cfg.save_steps == 0 or step == total_steps or stopping:
-                info = {"fingerprint": fingerprint, "total_steps": total_steps, "config": jsonable(cfg)}
-                _save(engine, work_dir, step, model, optimizer, scheduler, info, cfg.save_total_limit, rank)
-            if stopping and step < total_steps:
-                print(f"stopped after step {step} as asked (--stop-after-step); rerun to resume", flush=True)
-                log.close()
-                return Path(cfg.out)
-            t0 = time.perf_counter()
-    finally:
-        log.close()
+    from slidechat.longnet import DilatedAttention
 
-    if rank == 0:
-        _write_final(model, cfg, work_dir, engine)
-    return Path(cfg.out)
+    deepspeed.init_distributed()
+    # DeepSpeed casts the module to bf16 and builds its fp32 masters from that copy: keep the slide
+    # encoder's and projector's fp32 values (a stage-1 result) to put back into the masters.
+    visual = {n: p.detach().clone() for n, p in model.named_parameters()
+              if p.requires_grad and not n.startswith("llm.")}
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg.deepspeed, cfg, bf16))
+    if engine.zero_optimization_stage() == 3:
+        # the attention reads its q/k/v weights as one fused GEMM, outside the projections' own forward:
+        # ZeRO-3 must gather them for the attention module
+        for m in model.modules():
+            if isinstance(m, DilatedAttention):
+                for proj in (m.q_proj, m.k_proj, m.v_proj):
+                    for p in proj.parameters():
+                        deepspeed.zero.register_external_parameter(m, p)
+    for n, p in model.named_parameters():
+        if n in visual:
+            safe_set_full_fp32_param(p, visual[n].to(p.device))
+    return engine, optimizer, scheduler
 
 
 # Settings that change the training trajectory; a checkpoint only resumes a run with the same ones.
@@ -651,6 +693,44 @@ def run_fingerprint(cfg: TrainConfig) -> str:
     return h.hexdigest()
 
 
+def resume(run: Run) -> int:
+    """Load the newest checkpoint of this run from the work dir; returns the step to continue after (0: none).
+
+    Checkpoints of other data or settings are moved to `<work-dir>/stale`. Ones written by another
+    number of ranks are refused: each rank's share of the data, and so the run, depends on it.
+    """
+    work_dir, rank = run.work_dir, run.rank
+    ckpts = list_checkpoints(work_dir)
+    saved = json.loads((ckpts[-1] / "trainer_state.json").read_text()) if ckpts else None
+    run.barrier()  # every rank has read the newest checkpoint before rank 0 moves anything
+    if saved is None:
+        return 0
+    if saved.get("fingerprint") != run.fingerprint:
+        if rank == 0:  # other data or settings: these checkpoints belong to another run
+            stale = work_dir / "stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.mkdir()
+            for c in ckpts:
+                c.rename(stale / c.name)
+        _note(f"checkpoints in {work_dir} came from other data or settings; moved to {work_dir / 'stale'}, "
+              "starting from step 0")
+        run.barrier()
+        return 0
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != run.world:
+        raise TrainSetupError(f"{ckpts[-1]} was written by a run on {saved_world} rank(s), this one has {run.world}; "
+                              f"the ranks' shares of the data differ, so it cannot continue that run. Resume on "
+                              f"{saved_world} rank(s), or start over with another --work-dir")
+    if run.engine is not None:
+        state = load_deepspeed_checkpoint(run.engine, ckpts[-1], rank)
+    else:
+        state = load_checkpoint(ckpts[-1], run.model, run.optimizer, run.scheduler)
+    start_step = int(state["step"])
+    if rank == 0:
+        print(f"resuming from {ckpts[-1]} (step {start_step}/{run.total_steps})", flush=True)
+    return start_step
+
+
 class _Subset(torch.utils.data.Dataset):
     """Micro-batches (lists of record indices) of the run, in order: DataLoader yields one batch per item."""
 
@@ -664,56 +744,162 @@ class _Subset(torch.utils.data.Dataset):
         return [self.data[j] for j in self.batches[i]]
 
 
-@dataclass
-class _Acc:
-    """Sums over the micro-batches of one optimizer step."""
+def run_steps(run: Run, start_step: int) -> bool:
+    """Optimizer steps from `start_step` on, with checkpoints and the log; False when stopped early on request.
 
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    patches: int = 0
+    One step is an accumulation window: forward + backward of each of its micro-batches (the loss
+    divided by their number), then one optimizer step, as nanoGPT does.
+    """
+    cfg, work_dir = run.cfg, run.work_dir
+    micro = [batch for step in run.steps[start_step:] for batch in step]
+    loader = iter(torch.utils.data.DataLoader(
+        _Subset(run.data, micro), batch_size=None, num_workers=cfg.num_workers,
+        collate_fn=lambda b: collate(b, run.pad_id),
+        generator=torch.Generator().manual_seed(cfg.seed)))  # own generator: the global RNG stays as checkpointed
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16)
+    log = TrainLog(work_dir, start_step, enabled=run.rank == 0)
+    state = {"fingerprint": run.fingerprint, "total_steps": run.total_steps, "config": jsonable(cfg),
+             "world_size": run.world}
+    run.model.train()
+    try:
+        for step in range(start_step + 1, run.total_steps + 1):
+            t0 = time.perf_counter()
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses (read before the scheduler moves it)
+            window = run.steps[step - 1]
+            loss_sum = tokens = patches = 0.0
+            for _ in window:
+                batch = next(loader)
+                with autocast:
+                    loss = _forward(run, batch)
+                _check_finite(run, loss, step, batch, work_dir)
+                if run.engine is not None:
+                    run.engine.backward(loss / len(window), scale_wrt_gas=False)
+                else:
+                    (loss / len(window)).backward()
+                n_patches = sum(min(len(f), run.model.config.max_patches_train) for f in batch["features"])
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum()) - len(batch["features"]) + n_patches
+                patches += n_patches
+            grad_norm = _optimizer_step(run, step, work_dir)
+            loss_sum, n_micro, tokens, patches = run.sum_over_ranks([loss_sum, len(window), tokens, patches])
+            dt = time.perf_counter() - t0
+            if step % cfg.log_steps == 0 or step == run.total_steps:
+                log.log({"step": step, "loss": loss_sum / n_micro, "lr": lr, "tokens_per_s": tokens / dt,
+                         "patches_per_s": patches / dt, "grad_norm": grad_norm})
+            stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
+            if step % cfg.save_steps == 0 or step == run.total_steps or stopping:
+                _save(run, step, state)
+            if stopping and step < run.total_steps:
+                if run.rank == 0:
+                    print(f"stopped after step {step} as asked (--stop-after-step); rerun to resume", flush=True)
+                return False
+    finally:
+        log.close()
+    return True
 
-    def add(self, loss: float, tokens: int, patches: int) -> None:
-        self.losses.append(loss)
-        self.tokens += tokens
-        self.patches += patches
 
-    def loss(self) -> float:
-        return sum(self.losses) / max(1, len(self.losses))
+def _forward(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """Loss of one micro-batch (the slides stay on the CPU until the model has capped their patches)."""
+    inputs = {k: batch[k].to(run.device) for k in ("input_ids", "attention_mask", "labels")}
+    return (run.engine or run.model)(features=batch["features"], **inputs).loss
 
 
-def _save(engine: Any, work_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any,
-          state: dict, keep: int, rank: int) -> None:
-    if engine is None:
-        save_checkpoint(work_dir, step, model, optimizer, scheduler, state, keep)
+def _check_finite(run: Run, loss: torch.Tensor, step: int, batch: dict[str, Any], work_dir: Path) -> None:
+    """Stop every rank together when any rank's loss is NaN or inf (one rank alone would hang the others)."""
+    finite = bool(torch.isfinite(loss.detach()))
+    if run.sum_over_ranks([float(not finite)])[0] == 0:
+        return
+    where = f"loss is {loss.item()} at step {step} (records {batch.get('ids')})" if not finite else \
+        f"the loss of another rank is not finite at step {step}"
+    raise TrainingDiverged(f"{where}; stopping. The last good checkpoint is kept in {work_dir}; lower --lr or check "
+                           "the data, then rerun to resume from it.")
+
+
+def _optimizer_step(run: Run, step: int, work_dir: Path) -> float:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns the gradient norm before clipping."""
+    if run.engine is not None:
+        run.engine.step()  # clips to the config's gradient_clipping and steps the schedule
+        grad_norm = float(run.engine.get_global_grad_norm() or 0.0)
+    else:
+        clip = run.cfg.grad_clip if run.cfg.grad_clip and run.cfg.grad_clip > 0 else float("inf")
+        trainable = [p for p in run.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}; stopping. The last good checkpoint "
+                               f"is kept in {work_dir}.")
+    if run.engine is None:
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _save(run: Run, step: int, state: dict) -> None:
+    work_dir, keep = run.work_dir, run.cfg.save_total_limit
+    if run.engine is None:
+        save_checkpoint(work_dir, step, run.model, run.optimizer, run.scheduler, state, keep)
         return
     tag = f"{CKPT_PREFIX}{step:08d}"
-    engine.save_checkpoint(str(work_dir), tag=tag, client_state={**state, "step": step})
-    torch.save(_rng_state(), work_dir / tag / f"rng_rank{rank}.pt")  # DeepSpeed keeps no RNG state
-    if rank == 0:  # the marker list_checkpoints looks for, written after DeepSpeed finished the tag
+    run.engine.save_checkpoint(str(work_dir), tag=tag, client_state={**state, "step": step})
+    torch.save(_rng_state(), work_dir / tag / f"rng_rank{run.rank}.pt")  # DeepSpeed keeps no RNG state
+    run.barrier()  # every rank's files are written before the marker says the checkpoint is complete
+    if run.rank == 0:  # the marker list_checkpoints looks for, written after DeepSpeed finished the tag
         write_json(work_dir / tag / "trainer_state.json", {**state, "step": step})
         if keep > 0:
             for old in list_checkpoints(work_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_final(model: nn.Module, cfg: TrainConfig, work_dir: Path, engine: Any) -> None:
-    """The declared output: model + training log + curves, renamed into place in one go."""
-    from slidechat.checkpoint import save_model
+def _visual_fp32_state(run: Run) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed, the slide encoder's and projector's fp32 master weights (collective: every rank calls
+    it); the engine's module holds only 16-bit copies of them under bf16, and only shards under ZeRO-3."""
+    if run.engine is None:
+        return None
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in run.model.named_parameters():
+        if name.startswith(("LongNet_encoder.", "projector.")):
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None:  # not trained: the module's value (gathered under ZeRO-3)
+                with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                    full = p.detach().clone()
+            out[name] = full.detach().float().cpu().contiguous()
+    return out
+
+
+def write_final(run: Run) -> None:
+    """The declared output: model + training log + curves, renamed into place in one go (rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    from slidechat.checkpoint import VISUAL_WEIGHTS_FILE, save_model
     from slidechat.plots import plot_training_curves
 
-    if engine is not None and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        raise NotImplementedError("saving the final model from ZeRO-3 needs the consolidated 16-bit weights; "
-                                  "use zero2.json, or convert the DeepSpeed checkpoint in the work dir")
-    with atomic_path(cfg.out, is_dir=True) as tmp:
-        # Stage 1 leaves the LLM as it was: save a reference to it, not a copy (stage 2 gets --llm again).
-        save_model(model, tmp, save_llm=cfg.stage != 1)
-        shutil.copy(work_dir / "train_log.csv", tmp / "train_log.csv")
-        plot_training_curves(tmp / "train_log.csv", tmp / "training_curves.png", title=f"stage {cfg.stage}")
-        write_json(tmp / "training_config.json", jsonable(cfg))
-        if cfg.curves:
-            with atomic_path(cfg.curves) as png:
-                shutil.copy(tmp / "training_curves.png", png)
-    print(f"wrote {cfg.out}", flush=True)
+    cfg, model = run.cfg, run.model
+    visual = _visual_fp32_state(run)
+    zero3 = run.engine is not None and run.engine.zero_optimization_stage() == 3
+    if zero3:  # the LLM's (or adapters') 16-bit weights, gathered from the shards for the save
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.llm.parameters()), enabled=cfg.stage != 1)
+    else:
+        gathered = contextlib.nullcontext()
+    with gathered:
+        if run.rank == 0:
+            with atomic_path(cfg.out, is_dir=True) as tmp:
+                # Stage 1 leaves the LLM as it was: save a reference to it, not a copy (stage 2 gets --llm again).
+                save_model(model, tmp, save_llm=cfg.stage != 1)
+                if visual is not None:  # the fp32 masters instead of the engine's 16-bit copies
+                    save_file(visual, str(tmp / VISUAL_WEIGHTS_FILE))
+                shutil.copy(run.work_dir / "train_log.csv", tmp / "train_log.csv")
+                plot_training_curves(tmp / "train_log.csv", tmp / "training_curves.png", title=f"stage {cfg.stage}")
+                write_json(tmp / "training_config.json", jsonable(cfg))
+                if cfg.curves:
+                    with atomic_path(cfg.curves) as png:
+                        shutil.copy(tmp / "training_curves.png", png)
+            print(f"wrote {cfg.out}", flush=True)
+    run.barrier()  # no rank reports success before the model is there
 
 
 # -------------------------------------------------------------------------------------------------- launcher
@@ -754,7 +940,8 @@ def build_launch_command(n_gpus: int, n_nodes: int = 1, train_args: list[str] | 
                          env: Mapping[str, str] | None = None) -> str:
     """Shell command that runs `slidechat train` on n_gpus per node x n_nodes.
 
-    One process on one device needs no launcher. Otherwise torchrun starts one process per GPU with the
+    One process on one device needs no launcher. Otherwise torchrun (`python -m torch.distributed.run` of
+    this interpreter) starts one process per GPU with the
     DeepSpeed config; across nodes (one launch per node, e.g. `srun` in the SLURM profile) the rendezvous
     uses the SLURM job id, this node's SLURM_NODEID and the first host of the allocation.
     """
@@ -764,7 +951,9 @@ def build_launch_command(n_gpus: int, n_nodes: int = 1, train_args: list[str] | 
         raise ValueError("n_gpus and n_nodes must be at least 1")
     if n_gpus == 1 and n_nodes == 1:
         return f"{shlex.quote(sys.executable)} -m slidechat.cli train {args}".strip()
-    parts = ["torchrun", f"--nproc_per_node={n_gpus}", f"--nnodes={n_nodes}"]
+    # this interpreter's torchrun: a bare `torchrun` on PATH may belong to another environment
+    parts = [shlex.quote(sys.executable), "-m", "torch.distributed.run", f"--nproc_per_node={n_gpus}",
+             f"--nnodes={n_nodes}"]
     if n_nodes == 1:
         parts.append("--standalone")
     else:

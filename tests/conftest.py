@@ -45,3 +45,31 @@ def boxes_pyramid() -> Path:
 @pytest.fixture(scope="session")
 def vlm_data() -> Path:
     return _require(VLM_DATA)
+
+
+# One tiny random Qwen2 LLM for every test that needs an LLM: the tokenizer learns these texts.
+TINY_LLM_CORPUS = [
+    "What is the diagnosis of this slide?", "What is the most likely diagnosis?", "What tissue is shown in this slide?",
+    "Which tissue type dominates the slide?", "Describe the tissue in detail.", "Describe the slide in detail please.",
+    "Which grade is the tumour? A) low B) high C) none D) both", "A. adenocarcinoma B. lymphoid C. stroma D. necrosis",
+    "The slide shows adenocarcinoma with irregular glands and necrosis.", "Glands with crowded nuclei.",
+    "Lymphoid tissue with dense sheets of small lymphocytes.", "Sheets of small lymphocytes.", "Is there necrosis?",
+    "Fibrous stroma with scattered spindle cells.", "Wavy pink collagen fibres.", "Fat cells with empty vacuoles.",
+    "Answer with the option's letter from the given choices directly.",
+] * 3
+TINY_LLM_SETTINGS = {"vocab_size": 400, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_spec() -> tuple[list[str], dict]:
+    """(corpus, build_tiny_llm settings) of the `tiny_llm` fixture, for tests that rebuild it."""
+    return list(TINY_LLM_CORPUS), dict(TINY_LLM_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory, tiny_llm_spec: tuple[list[str], dict]) -> Path:
+    """A tiny random Qwen2 causal LM + BPE tokenizer (hidden 32, 2 layers), built offline once per session."""
+    from slidechat.tiny import build_tiny_llm
+
+    corpus, settings = tiny_llm_spec
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm") / "llm", corpus, **settings)

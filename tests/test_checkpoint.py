@@ -17,11 +17,9 @@ import torch
 
 from slidechat.checkpoint import load_model, new_model
 from slidechat.model import SlideChat, SlideChatConfig
-from slidechat.tiny import build_tiny_llm
 from wsicore.errors import InputError, UnsafeFileError
 from wsicore.torchfile import Stub, read_torch_file
 
-CORPUS = ["What is the diagnosis of this slide?", "Adenocarcinoma with glands.", "Lymphoid tissue.", "Stroma."] * 3
 FEAT = 32
 FAKE_MODULE = "mmengine.logging.history_buffer"
 
@@ -68,11 +66,6 @@ def _save_with_foreign_objects(obj, path: Path, zip_format: bool = True) -> None
         HistoryBuffer.__module__ = old_module
         for name in [FAKE_MODULE, *parents]:
             sys.modules.pop(name, None)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    return build_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny", CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,6 @@ from slidechat.evaluate import EvalSettings, build_question, evaluate, generate_
 from slidechat.checkpoint import load_model, new_model, save_model
 from slidechat.model import SlideChatConfig
 from slidechat.scoring import summary_lines
-from slidechat.tiny import build_tiny_llm
-
-CORPUS = [
-    "What is the most likely diagnosis?",
-    "Which tissue type dominates the slide?",
-    "A. adenocarcinoma B. lymphoid C. stroma D. necrosis",
-    "The slide shows adenocarcinoma with irregular glands.",
-    "Dense sheets of small lymphocytes.",
-    "Answer with the option's letter from the given choices directly.",
-] * 4
 
 
 def tiny_model_config() -> SlideChatConfig:
@@ -36,11 +26,10 @@ def tiny_model_config() -> SlideChatConfig:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, tiny_llm) -> Path:
     root = tmp_path_factory.mktemp("model")
-    llm = build_tiny_llm(root / "llm", CORPUS, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
     torch.manual_seed(0)
-    model = new_model(llm, tiny_model_config())
+    model = new_model(tiny_llm, tiny_model_config())
     return save_model(model, root / "slidechat")
 
 

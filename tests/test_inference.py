@@ -14,20 +14,15 @@ from slidechat.evaluate import load_slide_tensor
 from slidechat.inference import chat_loop, model_feature_config
 from slidechat.checkpoint import load_model, new_model, save_model
 from slidechat.model import SlideChatConfig
-from slidechat.tiny import build_tiny_llm
-
-CORPUS = ["What tissue is shown in this slide?", "The slide shows adenocarcinoma with glands.",
-          "Lymphoid tissue and stroma.", "Is there necrosis?"] * 4
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, tiny_llm) -> Path:
     root = tmp_path_factory.mktemp("ask")
-    llm = build_tiny_llm(root / "llm", CORPUS, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
     torch.manual_seed(0)
     cfg = SlideChatConfig(feature_dim=512, encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4,
                           segment_lengths=[16, 32], dilated_ratios=[1, 2])
-    out = save_model(new_model(llm, cfg), root / "model")
+    out = save_model(new_model(tiny_llm, cfg), root / "model")
     # the patch encoder the model was trained on, recorded beside it (read when --encoder is not given)
     (out / "features.json").write_text(json.dumps({"feature_encoder": "conch_tiny", "feature_target_mpp": 0.5,
                                                    "feature_patch_size": 224}))
@@ -69,22 +64,40 @@ def test_ask_end_to_end_on_cmu_small(cmu_small, model_dir, tmp_path, capsys):
 
 
 def test_chat_keeps_history(model_dir, tmp_path):
+    from slidechat.template import build_generation_prompt
+
     model = load_model(model_dir).eval()
     feats = torch.randn(30, 512, generator=torch.Generator().manual_seed(0))
-    seen = []
-    orig = model.generate
+    seen, prompts = [], []
+    orig, llm_generate = model.generate, model.llm.generate
 
     def spy(features, question, **kw):
         seen.append((question, list(kw.get("history") or [])))
         return orig(features, question, **kw)
 
-    model.generate = spy
+    def llm_spy(**kw):
+        prompts.append(kw["inputs_embeds"][0].clone())
+        return llm_generate(**kw)
+
+    model.generate, model.llm.generate = spy, llm_spy
     stdin = io.StringIO("What tissue is shown?\n\nIs there necrosis?\nexit\nnever asked\n")
     stdout = io.StringIO()
-    assert chat_loop(model, feats, max_new_tokens=4, stdin=stdin, stdout=stdout) == 2
+    assert chat_loop(model, feats, max_new_tokens=6, stdin=stdin, stdout=stdout) == 2
     assert seen[0] == ("<image>\nWhat tissue is shown?", [])
-    assert seen[1][0] == "Is there necrosis?" and seen[1][1][0][0] == "<image>\nWhat tissue is shown?"
-    assert stdout.getvalue().count("slidechat> ") == 2
+    answers = [line.removeprefix("slidechat> ").strip() for line in stdout.getvalue().split("you> ") if line][:2]
+    assert len(answers) == 2 and seen[1] == ("Is there necrosis?", [("<image>\nWhat tissue is shown?", answers[0])])
+    # the second prompt the LLM saw is the first turn (slide, question, the answer given), then the new question
+    with torch.inference_mode():
+        visual = model.encode_slide(feats)
+        ids = build_generation_prompt(model.tokenizer, "Is there necrosis?", seen[1][1])
+        expected, _ = model._splice(torch.tensor(ids), None, visual)
+        alone, _ = model._splice(torch.tensor(build_generation_prompt(model.tokenizer, "Is there necrosis?")), None,
+                                 visual)
+        torch.testing.assert_close(prompts[1], expected, atol=0, rtol=0)
+        # ... so that the answer's distribution is not the one of the question asked alone
+        after = torch.softmax(model.llm(inputs_embeds=expected[None]).logits[0, -1], -1)
+        first = torch.softmax(model.llm(inputs_embeds=alone[None]).logits[0, -1], -1)
+    assert (after - first).abs().sum() > 1e-3
 
 
 def test_ask_errors_are_clear(model_dir, cmu_small, tmp_path):

@@ -15,6 +15,7 @@ from slidechat.longnet import (
     _strided_length,
     attention_with_lse,
     attention_with_lse_math,
+    cuda_attention_kernel,
     dilated_attention,
     dilated_attention_gather,
     dilated_attention_strided,
@@ -176,7 +177,7 @@ def test_default_config_is_slidechat_longnet():
     assert cfg.segment_lengths == [1024, 2048, 4096, 8192, 16384] and cfg.dilated_ratios == [1, 2, 4, 8, 16]
     # 4,212,736 parameters, as the original prints for LongNet_2_layers_512_dim
     assert sum(p.numel() for p in enc.parameters()) == 4212736
-    assert [layer.drop_path.p for layer in enc.layers] == [0.0, 0.1]
+    assert [layer.drop_path.drop_prob for layer in enc.layers] == [0.0, 0.1]
 
 
 def test_encoder_gradients_and_checkpointing_agree():
@@ -218,3 +219,41 @@ def test_inference_in_token_chunks_equals_whole_sequence_forward(monkeypatch, sh
         chunked = enc(x)
     assert len(calls) == 2 * len(enc.layers)  # the chunked path ran
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_drop_path_is_torchscale_stochastic_depth():
+    """torchscale's DropPath calls timm's drop_path: whole samples dropped, survivors scaled by 1 / keep."""
+    torch.manual_seed(6)
+    layer = LongNetEncoder(_tiny_cfg(num_layers=3, drop_path_rate=0.4)).layers[2]
+    assert layer.drop_path.drop_prob == pytest.approx(0.4)  # linspace(0, rate, layers)[depth], as torchscale
+    x = torch.randn(64, 5, 32)
+    layer.train()
+    torch.manual_seed(7)
+    out = layer.drop_path(x)
+    torch.manual_seed(7)  # the same draw, written out: one Bernoulli(keep) per sample
+    keep = x.new_empty(64, 1, 1).bernoulli_(0.6)
+    torch.testing.assert_close(out, x * keep / 0.6)
+    dropped = out.flatten(1).abs().sum(1) == 0
+    assert 0 < int(dropped.sum()) < 64
+    layer.eval()
+    assert layer.drop_path(x) is x
+
+
+@pytest.mark.parametrize("capability,dtype,head_dim,kernel", [
+    ((9, 0), torch.bfloat16, 64, "flash"),      # H100
+    ((8, 0), torch.float16, 64, "flash"),       # A100
+    ((8, 0), torch.float32, 64, "efficient"),   # no flash kernel for fp32
+    ((8, 0), torch.bfloat16, 512, "efficient"),  # head dim beyond flash's 256
+    ((7, 0), torch.float16, 64, "efficient"),   # V100: no flash attention before Ampere
+    ((7, 5), torch.float32, 64, "efficient"),   # T4
+    ((7, 0), torch.bfloat16, 64, "math"),       # bf16 on a V100: no fused kernel at all
+])
+def test_cuda_kernel_falls_back_where_flash_is_unavailable(capability, dtype, head_dim, kernel):
+    assert cuda_attention_kernel(capability, dtype, head_dim) == kernel
+
+
+def test_cuda_kernel_respects_disabled_backends(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: False)
+    assert cuda_attention_kernel((9, 0), torch.bfloat16, 64) == "efficient"
+    monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: False)
+    assert cuda_attention_kernel((9, 0), torch.bfloat16, 64) == "math"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +15,10 @@ from slidechat.model import (
     SlideChat,
     SlideChatConfig,
     merge_visual_tokens,
-    select_patches,
+    patch_cap_indices,
 )
 from slidechat.template import IGNORE_INDEX, build_generation_prompt, tokenize_conversation
 from slidechat.tiny import build_tiny_llm
-
-CORPUS = [
-    "What is the diagnosis of this slide?",
-    "The slide shows adenocarcinoma with irregular glands and necrosis.",
-    "Lymphoid tissue with dense sheets of small lymphocytes.",
-    "Fibrous stroma with scattered spindle cells.",
-    "Describe the tissue in detail.",
-    "Which grade is the tumour? A) low B) high C) none D) both",
-] * 4
 
 FEAT = 32
 
@@ -38,11 +28,6 @@ def tiny_config(**kw) -> SlideChatConfig:
                 dilated_ratios=[1, 2, 4])
     base.update(kw)
     return SlideChatConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    return build_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny", CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +44,11 @@ def feats(n: int, seed: int = 0) -> torch.Tensor:
 # -- tiny LLM ---------------------------------------------------------------------------------
 
 
-def test_tiny_llm_is_deterministic_and_loads_offline(tiny_llm, tmp_path):
+def test_tiny_llm_is_deterministic_and_loads_offline(tiny_llm, tiny_llm_spec, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    again = build_tiny_llm(tmp_path / "again", CORPUS)
+    corpus, settings = tiny_llm_spec
+    again = build_tiny_llm(tmp_path / "again", corpus, **settings)
     for f in sorted(p.name for p in tiny_llm.iterdir()):
         assert hashlib.sha256((tiny_llm / f).read_bytes()).digest() == hashlib.sha256((again / f).read_bytes()).digest(), f
     tok = AutoTokenizer.from_pretrained(tiny_llm, local_files_only=True)
@@ -76,11 +62,11 @@ def test_tiny_llm_is_deterministic_and_loads_offline(tiny_llm, tmp_path):
     assert len(tok.encode("<|im_end|>", add_special_tokens=False)) == 1
 
 
-def test_make_tiny_llm_cli(tmp_path):
+def test_make_tiny_llm_cli(tmp_path, tiny_llm_spec):
     from slidechat.cli import main
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS))
+    corpus.write_text("\n".join(tiny_llm_spec[0]))
     assert main(["make-tiny-llm", "--out", str(tmp_path / "m"), "--corpus", str(corpus)]) == 0
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
 
@@ -163,7 +149,7 @@ def test_patch_cap_keeps_linspace_rows(tiny_llm):
     torch.manual_seed(2)
     m = new_model(tiny_llm, tiny_config(max_patches_infer=10, max_patches_train=7, dropout=0.0, drop_path_rate=0.0))
     x = feats(33)
-    keep = select_patches(33, 10)
+    keep = patch_cap_indices(33, 10)
     np.testing.assert_array_equal(keep, np.linspace(0, 32, 10).astype(int))
     capped = m.encode_slide(x)
     assert capped.shape[0] == 10
@@ -172,7 +158,7 @@ def test_patch_cap_keeps_linspace_rows(tiny_llm):
     m.train()
     assert m.encode_slide(x).shape[0] == 7
     m.eval()
-    assert select_patches(10, 10) is None
+    assert patch_cap_indices(10, 10) is None
 
 
 def test_bypass_slide_encoder_feeds_projector_directly(tiny_llm):
@@ -218,23 +204,39 @@ def _batch(model):
 def test_forward_splices_visual_tokens_per_sample(model):
     ids, mask, labels = _batch(model)
     f = [feats(11, 1), feats(23, 2)]
-    out = model(features=f, input_ids=ids, attention_mask=mask, labels=labels)
-    assert torch.isfinite(out.loss)
+    out = model(features=f, input_ids=ids, attention_mask=mask)
     n_text = mask.sum(1) - 1
     assert out.logits.shape[1] == int(max(n_text[0] + 11, n_text[1] + 23))
     # each row equals the same sample run alone (padding and splicing do not leak)
     for i in range(2):
         n = int(mask[i].sum())
-        alone = model(features=[f[i]], input_ids=ids[i:i + 1, :n], labels=labels[i:i + 1, :n])
+        alone = model(features=[f[i]], input_ids=ids[i:i + 1, :n])
         length = alone.logits.shape[1]
         torch.testing.assert_close(out.logits[i, :length], alone.logits[0], atol=1e-4, rtol=1e-4)
-    # the loss is next-token cross-entropy on the replies only, aligned after the visual tokens
-    n = int(mask[0].sum())
-    alone = model(features=[f[0]], input_ids=ids[:1, :n], labels=labels[:1, :n])
-    img = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0])
-    expanded = torch.cat([labels[0, :img], torch.full((11,), IGNORE_INDEX), labels[0, img + 1:n]])
-    manual = torch.nn.functional.cross_entropy(alone.logits[0, :-1], expanded[1:], ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(alone.loss, manual, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_next_token_cross_entropy_on_labelled_positions_only(model):
+    ids, mask, labels = _batch(model)
+    f = [feats(11, 1), feats(23, 2)]
+    full = model(features=f, input_ids=ids, attention_mask=mask).logits  # [2, T', V]
+    out = model(features=f, input_ids=ids, attention_mask=mask, labels=labels)
+    # the replies' labels move behind each sample's visual tokens; a position predicts the next label
+    expanded = torch.full(full.shape[:2], IGNORE_INDEX)
+    for i, n_vis in enumerate((11, 23)):
+        n = int(mask[i].sum())
+        img = int((ids[i] == IMAGE_TOKEN_INDEX).nonzero()[0])
+        row = torch.cat([labels[i, :img], torch.full((n_vis,), IGNORE_INDEX), labels[i, img + 1:n]])
+        expanded[i, :len(row)] = row
+    target = expanded[:, 1:]
+    labelled = target != IGNORE_INDEX
+    # logits exist only where a label is predicted (not for the visual tokens), and equal the full ones there
+    assert out.logits.shape == (int(labelled.sum()), full.shape[-1]) and labelled.sum() < labelled.numel() / 3
+    torch.testing.assert_close(out.logits, full[:, :-1][labelled], atol=1e-5, rtol=1e-5)
+    manual = torch.nn.functional.cross_entropy(full[:, :-1][labelled], target[labelled])
+    torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=1e-5)
+    # the LLM's own loss over full logits agrees
+    reference = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_backward_reaches_slide_encoder_and_projector(tiny_llm):
@@ -288,10 +290,33 @@ def test_generate_batched_equals_one_by_one(model):
 
 def test_generate_with_history_and_without_slide(model):
     x = feats(20, 6)
-    a = model.generate(x, "Describe the tissue in detail.", history=[("What is the diagnosis?", "Adenocarcinoma.")],
-                       max_new_tokens=5)
-    assert isinstance(a, str)
-    assert isinstance(model.generate(None, "What is the diagnosis?", max_new_tokens=3), str)
+    visual = model.encode_slide(x)
+    history = [("What is the diagnosis?", "Lymphoid tissue with dense sheets of small lymphocytes.")]
+    question = "Describe the tissue in detail."
+    seen = []
+    real = model.llm.generate
+
+    def spy(**kw):
+        seen.append(kw["inputs_embeds"][0].clone())
+        return real(**kw)
+
+    model.llm.generate = spy
+    try:
+        with_history = model.generate(None, question, visual_embeds=visual, history=history, max_new_tokens=8)
+        without = model.generate(None, "<image>\n" + question, visual_embeds=visual, max_new_tokens=8)
+        text_only = model.generate(None, "What is the diagnosis?", max_new_tokens=3)
+    finally:
+        del model.llm.generate
+    # the prompt the LLM saw is the earlier turn (with the slide), its answer, then the question
+    prompt = build_generation_prompt(model.tokenizer, question, history)
+    expected, _ = model._splice(torch.tensor(prompt), None, visual)
+    torch.testing.assert_close(seen[0], expected, atol=0, rtol=0)
+    assert seen[0].shape[0] > seen[1].shape[0] + 10
+    # ... and it changes the answer
+    assert with_history != without
+    # without a slide no visual tokens are spliced in
+    text_ids = build_generation_prompt(model.tokenizer, "What is the diagnosis?", with_image=False)
+    assert IMAGE_TOKEN_INDEX not in text_ids and seen[2].shape[0] == len(text_ids) and isinstance(text_only, str)
 
 
 # -- save / load ------------------------------------------------------------------------------
@@ -344,3 +369,30 @@ def test_peft_adapter_round_trip(tiny_llm, tmp_path):
 def test_missing_llm_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="`llm`"):
         new_model(tmp_path / "nope", tiny_config())
+
+
+def test_benchmark_generation_batches_by_visual_tokens(model, tmp_path):
+    import numpy as np
+
+    from preprocessing.stores import write_zarr_store
+    from slidechat.benchmarks_io import Benchmark, BenchItem
+    from slidechat.evaluate import EvalSettings, StoreFinder, generate_for_benchmark, questions_per_call
+
+    assert questions_per_call(EvalSettings(), 38400) == 1  # one question at a time at SlideChat's inference cap
+    assert questions_per_call(EvalSettings(), 10240) == 4 and questions_per_call(EvalSettings(), 500) == 8
+    assert questions_per_call(EvalSettings(max_batch_tokens=10), 500) == 1  # never zero
+    rng = np.random.default_rng(0)
+    for name, n in (("big", 30), ("small", 10)):
+        write_zarr_store(tmp_path / f"{name}.zarr", rng.standard_normal((n, FEAT)).astype(np.float32),
+                         np.zeros((n, 2), np.int64), None, {"encoder": "test"})
+    items = [BenchItem(qid=f"{s}{i}", slide_id=s, question=f"Question {i}?", prompt=f"Question {i}?")
+             for s in ("big", "small") for i in range(5)]
+    calls = []
+    real = model.generate
+    model.generate = lambda features, questions, **kw: calls.append(len(questions)) or real(features, questions, **kw)
+    try:
+        generate_for_benchmark(model, Benchmark("b", "caption_csv", items, []), StoreFinder(tmp_path),
+                               EvalSettings(max_new_tokens=2, max_batch_tokens=70), log=None)
+    finally:
+        del model.generate
+    assert calls == [2, 2, 1, 5]  # 30 visual tokens: 2 questions per call; 10 tokens: all 5 (batch_size 8)

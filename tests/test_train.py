@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +37,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny LLM, four slides' feature stores and a records file (one record per slide)."""
-    from slidechat.tiny import build_tiny_llm
-
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_llm: Path) -> dict[str, Path]:
+    """The tiny LLM, four slides' feature stores and a records file (one record per slide)."""
     root = tmp_path_factory.mktemp("train")
-    llm = build_tiny_llm(root / "llm", ANSWERS + QUESTIONS + ["Describe the slide in detail please."] * 3,
-                         vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    llm = tiny_llm
     rng = np.random.default_rng(0)
     feats = root / "features"
     records = []
@@ -250,13 +249,14 @@ def test_launch_command() -> None:
     args = ["--stage", "2", "--data", "d.json", "--out", "m dir"]
     single = T.build_launch_command(1, 1, args, env={})
     assert single.endswith("-m slidechat.cli train --stage 2 --data d.json --out 'm dir'")
-    assert "torchrun" not in single and "--deepspeed" not in single
+    assert "torch.distributed.run" not in single and "--deepspeed" not in single
     one_node = T.build_launch_command(8, 1, args, env={})
-    assert one_node == ("torchrun --nproc_per_node=8 --nnodes=1 --standalone -m slidechat.cli train --stage 2 "
+    torchrun = f"{shlex.quote(sys.executable)} -m torch.distributed.run"  # this interpreter's, not one on PATH
+    assert one_node == (f"{torchrun} --nproc_per_node=8 --nnodes=1 --standalone -m slidechat.cli train --stage 2 "
                         "--data d.json --out 'm dir' --deepspeed configs/deepspeed/zero2.json")
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NODEID": "1"}
     multi = T.build_launch_command(4, 2, args, deepspeed_config="configs/deepspeed/zero3.json", env=slurm)
-    assert multi == ('torchrun --nproc_per_node=4 --nnodes=2 --node_rank=$SLURM_NODEID --rdzv_backend=c10d '
+    assert multi == (f'{torchrun} --nproc_per_node=4 --nnodes=2 --node_rank=$SLURM_NODEID --rdzv_backend=c10d '
                      '--rdzv_endpoint="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)":29500 '
                      '--rdzv_id=$SLURM_JOB_ID -m slidechat.cli train --stage 2 --data d.json --out \'m dir\' '
                      '--deepspeed configs/deepspeed/zero3.json')
@@ -284,11 +284,18 @@ def test_yaml_defaults_and_cli_overrides(tmp_path: Path) -> None:
         T.load_yaml_config(bad)
 
 
-def test_cosine_schedule_shape() -> None:
-    f = T.cosine_with_warmup(100, 0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(55) == pytest.approx(0.5, abs=0.02) and f(99) < 0.01
-    assert all(f(i) >= f(i + 1) for i in range(10, 99))
+def test_lr_schedule_is_warmup_then_cosine_to_the_floor() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = T.lr_schedule(opt, 100, warmup_ratio=0.1, min_lr_ratio=0.2)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 10 warm-up steps from 0 (as xtuner's LinearLR from ~0), peak at step 10, cosine down to 0.2 x lr
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(2.0)
+    assert lrs[55] == pytest.approx(0.4 + 1.6 * 0.5, abs=0.05) and lrs[99] == pytest.approx(0.4, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
@@ -331,3 +338,84 @@ def test_srun_tasks_become_ranks_with_slurm_rendezvous():
                                    "MASTER_ADDR": "gpu12", "MASTER_PORT": str(20000 + 123456 % 20000)}
     assert slurm_rank_env({**env, "RANK": "0"}) == {}  # a launcher already set the ranks
     assert slurm_rank_env({**env, "SLURM_NTASKS": "1"}) == {}  # a single task is no distributed run
+
+
+def test_every_rank_gets_the_same_number_of_micro_batches() -> None:
+    for n, world in ((7, 2), (1, 4), (9, 3), (10, 4)):
+        shares = [T.micro_batches(n, 1, 5, 2, r, world) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1  # every rank the same number of micro-batches
+        seen = {b[0] for s in shares for b in s}
+        assert seen == set(range(n))  # and every record is seen
+    assert [len(s) for s in T.optimizer_steps([[i] for i in range(7)], 3)] == [3, 3, 1]
+    assert len(T.optimizer_steps([[i] for i in range(7)], 3, max_steps=2)) == 2
+
+
+@pytest.fixture(scope="module")
+def bf16_llm(env: dict[str, Path]) -> Path:
+    """The tiny LLM saved in bf16, as Qwen2.5 is (transformers 5 loads it in bf16 by default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = env["root"] / "llm_bf16"
+    if not out.exists():
+        AutoModelForCausalLM.from_pretrained(env["llm"]).to(torch.bfloat16).save_pretrained(out)
+        AutoTokenizer.from_pretrained(env["llm"]).save_pretrained(out)
+    return out
+
+
+def test_fp32_master_weights_keep_small_updates(env: dict[str, Path], bf16_llm: Path) -> None:
+    s1 = env["root"] / "s1_bf16" / "model"
+    if not s1.exists():
+        T.train(_cfg(env, "s1_bf16", llm=str(bf16_llm), max_steps=1))
+    # stage 2 with bf16 on: what is trained is fp32 (computed under bf16 autocast), frozen weights stay bf16
+    run = T.setup(_cfg(env, "fp32", stage=2, init=str(s1), llm=str(bf16_llm), lr=2e-5, max_steps=3, bf16=True))
+    dtypes = {n: p.dtype for n, p in run.model.named_parameters()}
+    assert set(dtypes.values()) == {torch.float32} and run.bf16
+    before = {n: p.detach().clone() for n, p in run.model.llm.named_parameters()}
+    assert T.run_steps(run, 0)
+    changed = [bool((p.detach() != before[n]).any()) for n, p in run.model.llm.named_parameters()]
+    assert all(changed)  # in bf16 AdamW at 2e-5 rounds away most of these updates
+    # stage 1: the frozen LLM stays bf16 with bf16 on (fp32 with --no-bf16); slide encoder + projector fp32
+    for bf16, llm_dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        model = T.build_model(_cfg(env, "s1dt", llm=str(bf16_llm)).resolved())
+        assert model.llm.get_input_embeddings().weight.dtype == torch.bfloat16  # as loaded ("auto")
+        T.set_parameter_dtypes(model, bf16)
+        assert {p.dtype for n, p in model.named_parameters() if n.startswith("llm.")} == {llm_dtype}
+        assert {p.dtype for n, p in model.named_parameters() if not n.startswith("llm.")} == {torch.float32}
+    # under DeepSpeed the engine keeps the LLM's fp32 masters: load it in bf16 (host memory), visual in fp32
+    model = T.build_model(_cfg(env, "s2dt", stage=2, init=str(s1), llm=str(bf16_llm)).resolved())
+    T.set_parameter_dtypes(model, True, deepspeed=True)
+    assert model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.projector.model[0].weight.dtype == torch.float32
+
+
+def test_bf16_weights_alone_lose_small_updates() -> None:
+    """Why the masters are fp32: the same AdamW step on a bf16 copy leaves most weights unchanged."""
+    torch.manual_seed(0)
+    w = torch.randn(4096)
+    grads = torch.randn(4096)
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.nn.Parameter(w.clone().to(dtype))
+        opt = torch.optim.AdamW([p], lr=2e-5, weight_decay=0.0)
+        p.grad = grads.to(dtype)
+        opt.step()
+        moved[dtype] = float((p.detach().float() != w.to(dtype).float()).float().mean())
+    assert moved[torch.float32] == 1.0 and moved[torch.bfloat16] < 0.5
+
+
+def test_cuda_device_follows_gpu_binding() -> None:
+    assert T.cuda_device_index(3, 8) == 3  # torchrun: every rank sees the node's GPUs
+    assert T.cuda_device_index(3, 1) == 0  # srun binding one GPU per task: LOCAL_RANK 3 sees it as cuda:0
+    with pytest.raises(T.TrainSetupError, match="LOCAL_RANK is 5 but this process sees 2 GPUs"):
+        T.cuda_device_index(5, 2)
+
+
+def test_4bit_settings_and_missing_bitsandbytes(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    q = T.quantization_config()
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    # without the optional extra: one clear line saying how to install it (checked before any CUDA work)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    cfg = _cfg(env, "q", load_in_4bit=True)
+    with pytest.raises(T.TrainSetupError, match=r"pip install -c constraints.txt '\.\[quant\]'"):
+        T._load_4bit_model(cfg, None)
