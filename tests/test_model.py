@@ -376,7 +376,8 @@ def test_benchmark_generation_batches_by_visual_tokens(model, tmp_path):
 
     from preprocessing.stores import write_zarr_store
     from slidechat.benchmarks_io import Benchmark, BenchItem
-    from slidechat.evaluate import EvalSettings, StoreFinder, generate_for_benchmark, questions_per_call
+    from preprocessing.stores import FeatureStoreIndex
+    from slidechat.evaluate import EvalSettings, generate_for_benchmark, questions_per_call
 
     assert questions_per_call(EvalSettings(), 38400) == 1  # one question at a time at SlideChat's inference cap
     assert questions_per_call(EvalSettings(), 10240) == 4 and questions_per_call(EvalSettings(), 500) == 8
@@ -391,7 +392,7 @@ def test_benchmark_generation_batches_by_visual_tokens(model, tmp_path):
     real = model.generate
     model.generate = lambda features, questions, **kw: calls.append(len(questions)) or real(features, questions, **kw)
     try:
-        generate_for_benchmark(model, Benchmark("b", "caption_csv", items, []), StoreFinder(tmp_path),
+        generate_for_benchmark(model, Benchmark("b", "caption_csv", items, []), FeatureStoreIndex(tmp_path),
                                EvalSettings(max_new_tokens=2, max_batch_tokens=70), log=None)
     finally:
         del model.generate
