@@ -24,7 +24,7 @@ Why this one:
   put the heat for "lymphoid" on the *other* class. Zero is also no neutral baseline here (the slide encoder
   layer-normalises every patch, so a zero vector is as unusual an input as any). The slide's mean patch
   keeps the slide's overall appearance and removes only what distinguishes one patch from the others.
-  `benchmarks/bench_heat_on_class.py` measures all of these on the demo; `docs/serve.md` has the numbers.
+  `benchmarks/heat_on_class.py` measures all of these on the demo; `docs/serve.md` has the numbers.
 
 Cost: `steps` forward and backward passes of the model over the slide (no parameter gradients).
 """

@@ -17,7 +17,7 @@ integrated gradients from zero features, one-step gradient x input, and attentio
 to the visual tokens averaged over heads and layers (eager attention: small LLMs only, `--no-attention`
 to skip).
 
-    python benchmarks/bench_heat_on_class.py [--results results] [--model results/models/stage2] [--device cpu]
+    python benchmarks/heat_on_class.py [--results results] [--model results/models/stage2] [--device cpu]
 """
 
 from __future__ import annotations
