@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from preprocessing.extract import extract_slide  # noqa: E402
 from preprocessing.stores import load_features  # noqa: E402
-from preprocessing.synthetic import Scene, write_synthetic_svs  # noqa: E402
+from preprocessing.synthetic import Scene, write_blank_svs, write_synthetic_svs  # noqa: E402
 from preprocessing.tiling import tile_slide  # noqa: E402
 from preprocessing.tissue import segment_slide  # noqa: E402
 from slidechat.checkpoint import new_model, save_model  # noqa: E402
@@ -44,7 +44,7 @@ SIZE = 2048  # level-0 px at 0.25 µm/px: a 4 x 4 grid of 224 px patches at 0.5 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Slides (one preprocessed into a results folder, two not), a tiny model, the state and the app."""
+    """Slides (one preprocessed into a results folder, three not), a tiny model, the state and the app."""
     root = tmp_path_factory.mktemp("serve")
     slides = root / "slides"
     slides.mkdir()
@@ -52,6 +52,7 @@ def served(tmp_path_factory):
                                      ("new-page", "stroma")]):
         write_synthetic_svs(slides / f"{name}.svs", Scene.random(SIZE, SIZE, cls, seed=n), mpp=0.25,
                             downsamples=(4,))
+    write_blank_svs(slides / "blank.svs", 1024, 1024)  # glass only: preprocessing finds no tissue
     (root / "secret.txt").write_text(SECRET)
     (slides / "notes.txt").write_text(SECRET)  # in the slides folder, but not a slide
     results = root / "results"
@@ -91,7 +92,7 @@ def wait_for_job(client, slide_id: str, timeout: float = 300.0) -> list[dict]:
 
 def test_slide_list_comes_from_the_configured_slides_and_results(served):
     slides = {s["id"]: s for s in served.client.get("/api/slides").json()}
-    assert sorted(slides) == ["new-api", "new-page", "ready-1"]  # notes.txt is not a slide
+    assert sorted(slides) == ["blank", "new-api", "new-page", "ready-1"]  # notes.txt is not a slide
     assert slides["ready-1"]["stage"] == "ready" and slides["new-api"]["stage"] == "new"
     status = served.client.get("/api/status").json()
     assert status["preprocess"] and status["attribution"] and status["waiting"] == 0
@@ -197,6 +198,16 @@ def test_preprocessing_from_the_page_runs_the_cached_stages_with_progress(served
     reply = client.post("/api/slides/new-api/chat", json={"question": QUESTION}).json()
     assert len(reply["heat"]) == len(client.get("/api/slides/new-api/patches").json()["coords"])
     assert client.post("/api/slides/new-api/preprocess").json()["state"] == "done"  # nothing left to do
+
+
+def test_a_slide_that_fails_preprocessing_says_why_and_the_server_goes_on(served):
+    client = served.client
+    client.post("/api/slides/blank/preprocess")
+    job = wait_for_job(client, "blank")[-1]
+    assert job["state"] == "failed" and "no tissue" in job["message"], job
+    slides = {s["id"]: s for s in client.get("/api/slides").json()}
+    assert slides["blank"]["job"]["state"] == "failed" and slides["blank"]["stage"] != "ready"
+    assert client.get("/api/slides/ready-1/patches").status_code == 200
 
 
 def test_questions_queue_for_the_one_model(served, live):
@@ -326,7 +337,7 @@ def test_the_page_in_headless_chromium(served, live, browser, tmp_path):
     wait = WebDriverWait(d, 60)
     d.get(live.url + "/")
     wait.until(lambda d: d.execute_script("return document.body.dataset.loaded") == "1")
-    assert len(d.find_elements(By.CSS_SELECTOR, "#slide-list li")) == 3
+    assert len(d.find_elements(By.CSS_SELECTOR, "#slide-list li")) == 4
 
     # load a slide: tiles drawn, tissue contours on top
     d.find_element(By.CSS_SELECTOR, '#slide-list li[data-id="ready-1"]').click()

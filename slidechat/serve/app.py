@@ -149,17 +149,6 @@ def create_app(state: ServeState) -> Any:
     def list_slides() -> list[dict[str, Any]]:
         return [summary(e) for e in state.slides.values()]
 
-    @app.get("/api/slides/{slide_id}")
-    def slide_info(slide_id: str) -> dict[str, Any]:
-        entry = entry_of(slide_id)
-        info = summary(entry)
-        try:
-            dz = slides.deepzoom(entry)
-        except InputError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        info["dimensions"] = list(dz.level_dimensions[-1])
-        return info
-
     @app.get("/api/slides/{slide_id}/image.dzi")
     def dzi(slide_id: str) -> Response:
         entry = entry_of(slide_id)

@@ -185,7 +185,7 @@ class Preprocessor:
             store = prepare_slide(entry.path, self.settings, self.finder.cache_of(entry), mpp=entry.mpp, log=on_log)
             job.done = job.total = job.total or _n_rows(store)
             job.state, job.message = "done", f"features ready: {store.name}"
-        except UserError as exc:  # the slide's own problem (no pixel size, unreadable file): shown on the page
+        except (UserError, FileNotFoundError) as exc:  # the slide's own problem (no pixel size, file gone)
             job.state, job.message = "failed", str(exc)
         except Exception as exc:  # noqa: BLE001 - one slide's failure must not take the server down
             log.exception("preprocessing %s failed", entry.slide_id)
