@@ -13,6 +13,7 @@ COMMANDS = {
     "score": Command("slidechat.scoring:main", "score an outputs CSV against its benchmark"),
     "ask": Command("slidechat.inference:ask_main", "ask a trained model about one slide file"),
     "chat": Command("slidechat.inference:chat_main", "multi-turn chat about one slide file"),
+    "serve": Command("slidechat.serve.app:main", "local web page: slide viewer, chat, where the answer came from"),
     "report": Command("slidechat.report:main", "HTML/Markdown report of an evaluation"),
     "convert-checkpoint": Command("slidechat.checkpoint:convert_main", "released SlideChat weights -> our model directory"),
     "make-tiny-llm": Command("slidechat.tiny:main", "a tiny randomly initialised Qwen2-shaped LLM (demo, tests)"),
