@@ -20,12 +20,15 @@ import h5py
 import numpy as np
 
 from preprocessing import __version__
+from wsicore.cli import command_parser
 from wsicore.files import atomic_path, write_json
+from wsicore.settings import add_arguments, from_arguments, setting
 from preprocessing.slide import SlideError, WholeSlide
 from preprocessing.tissue import (
     SegmentationParams,
     TissueMask,
     add_segmentation_arguments,
+    add_slide_arguments,
     make_params,
     params_from_args,
     save_rgb_png,
@@ -40,12 +43,13 @@ MAX_UPSAMPLE = 2.0
 
 @dataclass
 class TilingParams:
-    """Tiling settings (config section `tiling`)."""
+    """Tiling (config section `tiling`); sizes are in pixels at the target resolution."""
 
-    target_mpp: float = 0.5
-    patch_size: int = 224
-    stride: int | None = None  # at the target resolution; default = patch_size (no overlap)
-    min_tissue_fraction: float = 0.5
+    target_mpp: float = setting(0.5, help="µm/px of the patches (0.5 ≈ 20x)", exclusive_minimum=0)
+    patch_size: int = setting(224, help="patch side in px at target_mpp", minimum=1)
+    stride: int | None = setting(None, help="grid step in px at target_mpp; null = patch_size (no overlap)", minimum=1)
+    min_tissue_fraction: float = setting(
+        0.5, help="keep a patch when at least this fraction of it is tissue (0: any tissue)", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -257,23 +261,24 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing tile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slide", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m preprocessing tile", __doc__,
+                            "python -m preprocessing tile --slide S.svs --out patches/ --seg-dir seg/ --target-mpp 0.5")
+    add_slide_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for <slide_id>.h5 and images")
-    parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
-    parser.add_argument("--target-mpp", type=float, default=0.5)
-    parser.add_argument("--patch-size", type=int, default=224)
-    parser.add_argument("--stride", type=int, help="grid step at the target resolution (default: patch size)")
-    parser.add_argument("--min-tissue-fraction", type=float, default=0.5)
-    parser.add_argument("--seg-dir", help="reuse the tissue mask written by `segment` into this folder")
+    parser.add_argument("--seg-dir", help="reuse the tissue mask written by `segment` into this folder "
+                                          "(default: segment here, with the segmentation flags)")
+    add_arguments(parser.add_argument_group("tiling (config section `tiling`)"), TilingParams)
     add_segmentation_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        params = TilingParams(args.target_mpp, args.patch_size, args.stride, args.min_tissue_fraction)
+        params = from_arguments(TilingParams, args)
         seg_params = params_from_args(args)
-        with WholeSlide(args.slide, mpp_override=args.mpp) as ws:
+        with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
             summary = run_tiling(ws, params, Path(args.out), seg_params, args.seg_dir)
     except (SlideError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from preprocessing import __version__
+from wsicore.cli import command_parser
 from wsicore.files import atomic_path, write_json
+from wsicore.settings import add_arguments, given, setting
 from preprocessing.slide import SlideError, WholeSlide
 
 # CLAM expresses areas in multiples of a 512x512 level-0 patch ("ref_patch_size").
@@ -32,19 +34,22 @@ CLAM_REF_PATCH = 512
 
 @dataclass
 class SegmentationParams:
-    """Segmentation settings (config section `segmentation`). Kernel sizes are in thumbnail pixels."""
+    """Tissue segmentation (config section `segmentation`); kernel sizes are in thumbnail pixels."""
 
-    seg_mpp: float = 8.0  # µm/px of the working thumbnail
-    seg_downsample: float | None = None  # if set, thumbnail at this level-0 downsample instead of seg_mpp
-    sthresh: int | None = None  # fixed saturation threshold (0-255); None = Otsu
-    min_saturation: int = 15  # floor under the Otsu threshold, so blank glass yields no tissue
-    median_kernel: int = 7
-    close_kernel: int = 4
-    min_tissue_area_um2: float = 20_000.0
-    min_hole_area_um2: float = 10_000.0
-    max_n_holes: int = 8
-    # "um2": the two areas above are µm². "clam_ref_patch": they count 512x512 level-0 patches (CLAM).
-    area_unit: str = "um2"
+    seg_mpp: float = setting(8.0, help="µm/px of the working thumbnail", exclusive_minimum=0)
+    seg_downsample: float | None = setting(
+        None, help="thumbnail at this level-0 downsample instead of seg_mpp (CLAM's seg_level)", minimum=1)
+    sthresh: int | None = setting(None, help="fixed saturation threshold 0-255; null = Otsu", minimum=0, maximum=255)
+    min_saturation: int = setting(
+        15, help="floor under the Otsu threshold, so blank glass yields no tissue", minimum=0, maximum=255)
+    median_kernel: int = setting(7, help="median blur kernel (odd)", minimum=1)
+    close_kernel: int = setting(4, help="morphological closing kernel; 0 = no closing", minimum=0)
+    min_tissue_area_um2: float = setting(20_000.0, help="smallest tissue region kept (net of holes)", minimum=0)
+    min_hole_area_um2: float = setting(10_000.0, help="smallest hole kept", minimum=0)
+    max_n_holes: int = setting(8, help="largest holes kept per region", minimum=0)
+    area_unit: str = setting(
+        "um2", choices=["um2", "clam_ref_patch"],
+        help="unit of the two areas: µm², or CLAM's 512x512 level-0 reference patches")
 
     def __post_init__(self) -> None:
         if self.area_unit not in {"um2", "clam_ref_patch"}:
@@ -323,44 +328,38 @@ def segment_slide(
 
 
 def add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options mirroring the config section `segmentation` (shared by `segment` and `tile`)."""
-    g = parser.add_argument_group("segmentation")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="parameter preset (clam_tcga reproduces CLAM's tcga.csv)")
-    g.add_argument("--seg-mpp", type=float, help="µm/px of the segmentation thumbnail (default 8)")
-    g.add_argument("--sthresh", type=int, help="fixed saturation threshold 0-255 (default: Otsu)")
-    g.add_argument("--min-saturation", type=int, help="floor under the Otsu threshold (default 15)")
-    g.add_argument("--median-kernel", type=int)
-    g.add_argument("--close-kernel", type=int)
-    g.add_argument("--min-tissue-area-um2", type=float)
-    g.add_argument("--min-hole-area-um2", type=float)
-    g.add_argument("--max-n-holes", type=int)
+    """The flags of the config section `segmentation` (shared by `segment` and `tile`)."""
+    add_arguments(parser.add_argument_group("segmentation (config section `segmentation`)"), SegmentationParams,
+                  presets=PRESETS)
 
 
 def params_from_args(args: argparse.Namespace) -> SegmentationParams:
-    return make_params(
-        args.preset,
-        seg_mpp=args.seg_mpp,
-        sthresh=args.sthresh,
-        min_saturation=args.min_saturation,
-        median_kernel=args.median_kernel,
-        close_kernel=args.close_kernel,
-        min_tissue_area_um2=args.min_tissue_area_um2,
-        min_hole_area_um2=args.min_hole_area_um2,
-        max_n_holes=args.max_n_holes,
-    )
+    """The preset named by --preset, overridden by the segmentation flags given."""
+    return make_params(getattr(args, "preset", None), **given(SegmentationParams, args))
+
+
+def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
+    """--slide, --slide-id and --mpp: one slide, the id its outputs are named after, its pixel size."""
+    parser.add_argument("--slide", required=True, help="slide file")
+    parser.add_argument("--slide-id", help="id in every output name (a sample sheet's slide_id); "
+                                           "default: the file name without its extension")
+    parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m preprocessing segment", __doc__,
+                            "python -m preprocessing segment --slide S.svs --out seg/ --preset clam_tcga")
+    add_slide_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder")
+    add_segmentation_arguments(parser)
+    return parser
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing segment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slide", required=True)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
-    add_segmentation_arguments(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         params = params_from_args(args)
-        with WholeSlide(args.slide, mpp_override=args.mpp) as ws:
+        with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
             result = segment_slide_object(ws, params)
             summary = write_segmentation(result, ws, params, Path(args.out))
     except (SlideError, ValueError) as exc:

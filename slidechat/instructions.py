@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from wsicore.cli import command_parser
 from wsicore.files import sha256_file, write_json
+from wsicore.settings import add_arguments, from_arguments, setting
 
 IMAGE_TOKEN = "<image>"
 STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order when one slide has several stores
@@ -215,6 +217,14 @@ def assemble(
     return report
 
 
+@dataclass
+class InstructionSettings:
+    """Instruction assembly (config section `instructions`)."""
+
+    leakage_level: str = setting(
+        "slide", choices=["slide", "case"], help="case: also remove other slides of the same TCGA patient")
+
+
 def build_instructions(
     inputs: list[str | os.PathLike] | str | os.PathLike,
     features_dir: str | os.PathLike,
@@ -275,20 +285,25 @@ def manifest_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".manifest.json")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="slidechat build-instructions", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("slidechat build-instructions", __doc__,
+                            "slidechat build-instructions --input vqa.json --features-dir F --out stage2.json "
+                            "--exclude-benchmark bench.csv")
     parser.add_argument("--input", required=True, nargs="+", help="SlideInstruction JSON file(s)")
     parser.add_argument("--features-dir", required=True, help="folder of <slide_id>.zarr/.h5/.csv feature stores")
     parser.add_argument("--out", required=True, help="output training JSON (manifest written beside it)")
     parser.add_argument("--exclude-benchmark", nargs="*", default=[], metavar="FILE",
                         help="evaluation files (SlideBench CSV/JSON, MultiPathQA CSV, WSI-Bench JSON) whose slides are removed")
     parser.add_argument("--slide-map", help="CSV with columns image, slide_id and/or features (other naming schemes)")
-    parser.add_argument("--leakage-level", choices=["slide", "case"], default="slide",
-                        help="'case' also removes other slides of the same TCGA patient")
-    args = parser.parse_args(argv)
+    add_arguments(parser.add_argument_group("assembly (config section `instructions`)"), InstructionSettings)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = from_arguments(InstructionSettings, args)
     m = build_instructions(args.input, args.features_dir, args.out, args.exclude_benchmark, args.slide_map,
-                           args.leakage_level)
+                           settings.leakage_level)
     c = m["counts"]
     print(f"{args.out}: kept {c['kept']}/{c['input']} records ({c['kept_slides']} slides); "
           f"dropped {c['malformed']} malformed, {c['missing_features']} without features "
