@@ -10,8 +10,8 @@ Each field carries its type, its default and `metadata` (write it with `setting(
     config=False       not a config key: a path the rule supplies, a test hook, a launcher setting
     cli=False          not a flag either (the command fills it another way)
 
-Types: bool, int, float, str, `X | None` (the default must then be None, so that leaving a key out and
-passing None mean the same), fixed-length `tuple[X, X]` and `list[X]`.
+Types: bool, int, float, str, `Literal[...]` (its values are the choices), `X | None` (the default must then
+be None, so that leaving a key out and passing None mean the same), fixed-length `tuple[X, X]` and `list[X]`.
 
 - `add_arguments(parser, cls)`: `--name VALUE` flags; booleans as `--x/--no-x` so `false` can be passed; the
   help shows the default; bounds and choices are checked when parsing.
@@ -76,8 +76,8 @@ class Option:
         return "--" + self.key.replace("_", "-")
 
 
-def _unwrap(annotation: Any, where: str) -> tuple[type, bool, int | None]:
-    """(scalar type, optional, length) of a field annotation."""
+def _unwrap(annotation: Any, where: str) -> tuple[type, bool, int | None, tuple | None]:
+    """(scalar type, optional, length, Literal choices) of a field annotation."""
     optional = False
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -94,10 +94,14 @@ def _unwrap(annotation: Any, where: str) -> tuple[type, bool, int | None]:
     elif origin is list:
         (annotation,) = typing.get_args(annotation)
         length = -1
+    choices = None
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        annotation = type(choices[0])
     if annotation not in _JSON_TYPES or (annotation is bool and length is not None):
-        raise TypeError(f"{where}: type {annotation} is not a setting type (bool, int, float, str, "
+        raise TypeError(f"{where}: type {annotation} is not a setting type (bool, int, float, str, Literal[...], "
                         f"X | None, tuple[X, X], list[X] of non-bool); mark the field config=False, cli=False")
-    return annotation, optional, length
+    return annotation, optional, length, choices
 
 
 @cache
@@ -112,7 +116,7 @@ def options(cls: type) -> tuple[Option, ...]:
             continue
         if "help" not in meta:
             raise TypeError(f"{where}: needs metadata help (a one-line description; see wsicore.settings)")
-        kind, optional, length = _unwrap(hints[f.name], where)
+        kind, optional, length, literal = _unwrap(hints[f.name], where)
         if f.default is not MISSING:
             default = f.default
         elif f.default_factory is not MISSING:
@@ -124,7 +128,7 @@ def options(cls: type) -> tuple[Option, ...]:
         out.append(Option(
             name=f.name, key=meta.get("key", f.name), kind=kind, optional=optional, length=length, default=default,
             required=f.default is MISSING and f.default_factory is MISSING, help=meta["help"],
-            choices=tuple(meta["choices"]) if meta.get("choices") is not None else None,
+            choices=tuple(meta["choices"]) if meta.get("choices") is not None else literal,
             bounds=tuple((k, meta[k]) for k in _BOUNDS if k in meta), config=meta.get("config", True),
             cli=meta.get("cli", True),
         ))
