@@ -8,7 +8,7 @@ CORES ?= 2
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint benchmarks clean-demo
+.PHONY: demo test lint schema benchmarks clean-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/python -m wsicore.settings workflow/schemas/stages.schema.yaml --check
+
+# After adding or changing a field of a stage's settings dataclass: regenerate the stage config blocks.
+schema: $(VENV)/.installed
+	$(BIN)/python -m wsicore.settings workflow/schemas/stages.schema.yaml
 
 benchmarks: $(VENV)/.installed-test
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -1,11 +1,19 @@
 # wsi-slidechat: whole-slide images -> tissue -> patches -> CONCH features -> instructions ->
 # two-stage SlideChat training -> SlideBench evaluation.  `snakemake --cores N all` (the default target).
+import copy
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+# config.yaml (the demo) is the config unless --configfile names others: those files are then the whole
+# config, and keys they leave out take the schema's defaults, so the demo's values never leak into a run.
+if not workflow.overwrite_configfiles:
+    workflow.configfile("config.yaml")
 
-configfile: "config.yaml"
+# The config as written, before the schema fills in defaults: its stage keys are what the rules pass to the
+# commands (common.smk, stage_args).
+USER_CONFIG = copy.deepcopy(config)
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -20,12 +28,15 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluation.smk"
 
 
+report_left_out()
+
+
 rule all:
     default_target: True
     input:
-        rules.evaluate.input,
-        report_inputs(),
+        all_targets(),
 
 
 onsuccess:
-    shell("python -m slidechat.timing {RESULTS}/benchmarks || true")
+    report_left_out()
+    shell("python -m slidechat.timing {BENCH_DIR:q} || true")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers shared-memory pickling of tensors for the worker queues)
 
-from preprocessing.encoders import EncoderCheckpointError, PatchEncoder, build_encoder
+from preprocessing.encoders import TRANSFORMS, EncoderCheckpointError, PatchEncoder, build_encoder
 from preprocessing.slide import SlideError, WholeSlide, resize
 from preprocessing.stores import (
     STORE_FORMAT,
@@ -52,7 +52,9 @@ from preprocessing.stores import (
     software_versions,
     write_h5_store,
 )
+from wsicore.cli import command_parser
 from wsicore.files import jsonable
+from wsicore.settings import add_arguments, from_arguments, setting
 
 log = logging.getLogger("preprocessing.extract")
 
@@ -65,23 +67,30 @@ IDENTITY_KEYS = (
 
 @dataclass
 class ExtractOptions:
-    """Extraction settings (config section `features`; CLI flags of `python -m preprocessing extract`)."""
+    """Patch-feature extraction (config section `features`; flags of `python -m preprocessing extract`)."""
 
-    encoder: str = "conch_tiny"
-    checkpoint: str | None = None
-    transform: str | None = None  # default: the encoder's own (conch_v1: conch_official, conch_tiny: slidechat)
-    fmt: str = "zarr"  # "zarr" | "h5"
-    dtype: str | None = None  # stored feature dtype; default float16 (zarr), float32 (h5)
-    batch_size: int = 64
-    num_workers: int = 1  # reader processes; 0 reads in the main process
-    chunk_rows: int = 2048  # rows per Zarr chunk and per resume step
-    region_px: int = 2048  # longest side of one region read, in read-level pixels
-    prefetch: int = 4  # region tasks in flight per reader
-    device: str | None = None  # default: cuda if available, else cpu
-    seed: int = 0  # random weights (conch_tiny, allow_random)
-    allow_random: bool = False  # real encoders without a checkpoint (benchmarks only)
-    overwrite: bool = False  # replace an existing store made with other parameters
-    progress_every_s: float = 10.0
+    # The real encoder by default: random weights are never what a run gets without asking for them.
+    encoder: str = setting("conch_v1", help="patch encoder: conch_v1 | conch_tiny | resnet50_trunc | timm:<name>")
+    checkpoint: str | None = setting(
+        None, help="local weights file of the encoder (CONCH's pytorch_model.bin); required for conch_v1")
+    transform: str | None = setting(
+        None, choices=sorted(TRANSFORMS),
+        help="input transform; null = the encoder's own (conch_v1: conch_official, conch_tiny: slidechat)")
+    fmt: str = setting("zarr", key="format", choices=["zarr", "h5"], help="feature store format")
+    dtype: str | None = setting(
+        None, choices=["float16", "float32"], help="stored feature dtype; null = float16 (zarr) or float32 (h5)")
+    batch_size: int = setting(64, help="patches per forward pass", minimum=1)
+    num_workers: int = setting(1, help="reader processes; 0 reads in the main process", minimum=0)
+    chunk_rows: int = setting(2048, help="rows per Zarr chunk and per resume step", minimum=1)
+    region_px: int = setting(2048, help="longest side of one region read, in read-level pixels", minimum=1)
+    prefetch: int = setting(4, help="region tasks in flight per reader", minimum=1)
+    device: str | None = setting(None, help="torch device (cuda, cuda:1, cpu); null = cuda when available, else cpu")
+    seed: int = setting(0, help="seed of random weights (conch_tiny, allow_random_weights)")
+    allow_random: bool = setting(
+        False, key="allow_random_weights", config=False, help="run a real encoder without a checkpoint (benchmarks)")
+    overwrite: bool = setting(False, config=False, help="replace an existing store made with other parameters")
+    progress_every_s: float = setting(
+        10.0, key="progress_every", help="seconds between progress lines in the log", exclusive_minimum=0)
 
     def __post_init__(self) -> None:
         if self.fmt not in {"zarr", "h5"}:
@@ -782,29 +791,18 @@ def _read_manifest(path: Path) -> list[SlideJob]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m preprocessing extract",
-        description="Patch features for tiled slides into per-slide stores (OUT/<slide_id>.zarr or .h5).",
-    )
+    ap = command_parser("python -m preprocessing extract",
+                        "Patch features for tiled slides into per-slide stores (OUT/<slide_id>.zarr or .h5).",
+                        "python -m preprocessing extract --slide S.svs --coords patches/S.h5 --out features/ "
+                        "--checkpoint CONCH/pytorch_model.bin")
     ap.add_argument("--slide", action="append", default=[], help="slide file (repeat with --coords for several)")
     ap.add_argument("--coords", action="append", default=[], help="coords file DIR/<slide_id>.h5 from tiling")
+    ap.add_argument("--slide-id", help="with one --slide: the id its coords file must record (a sample sheet's "
+                                       "slide_id; the store is named after it)")
     ap.add_argument("--manifest", type=Path, help="CSV with columns slide,coords[,mpp] (instead of --slide/--coords)")
     ap.add_argument("--mpp", type=float, help="level-0 µm/px override for the --slide(s) (config key mpp_overrides)")
-    ap.add_argument("--encoder", default="conch_tiny", help="conch_v1 | conch_tiny | resnet50_trunc | timm:<name>")
-    ap.add_argument("--checkpoint", help="local weights file (config key features.checkpoint)")
-    ap.add_argument("--transform", help="conch_official | slidechat | imagenet (default: the encoder's)")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
-    ap.add_argument("--format", dest="fmt", choices=["zarr", "h5"], default="zarr")
-    ap.add_argument("--dtype", help="stored feature dtype (default float16 for zarr, float32 for h5)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--num-workers", type=int, default=1, help="reader processes (0: read in the main process)")
-    ap.add_argument("--chunk-rows", type=int, default=2048)
-    ap.add_argument("--region-px", type=int, default=2048, help="longest side of one region read (read-level px)")
-    ap.add_argument("--device", help="cuda | cpu (default: cuda when available)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of random weights (conch_tiny)")
-    ap.add_argument("--allow-random-weights", action="store_true", help="run a real encoder without a checkpoint")
-    ap.add_argument("--overwrite", action="store_true", help="replace stores made with other parameters")
-    ap.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    add_arguments(ap.add_argument_group("extraction (config section `features`)"), ExtractOptions)
     return ap
 
 
@@ -812,28 +810,27 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.manifest:
-        if args.slide or args.coords:
-            print("error: give either --manifest or --slide/--coords", file=sys.stderr)
+        if args.slide or args.coords or args.slide_id:
+            print("error: give either --manifest or --slide/--coords[/--slide-id]", file=sys.stderr)
             return 2
         jobs = _read_manifest(args.manifest)
     else:
         if not args.slide or len(args.slide) != len(args.coords):
             print("error: give one --coords per --slide", file=sys.stderr)
             return 2
+        if args.slide_id and len(args.slide) != 1:
+            print("error: --slide-id names one slide; give one --slide with it", file=sys.stderr)
+            return 2
         jobs = [SlideJob(Path(s), Path(c), args.mpp) for s, c in zip(args.slide, args.coords)]
     try:
-        opts = ExtractOptions(
-            encoder=args.encoder, checkpoint=args.checkpoint, transform=args.transform, fmt=args.fmt,
-            dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers, chunk_rows=args.chunk_rows,
-            region_px=args.region_px, device=args.device, seed=args.seed, allow_random=args.allow_random_weights,
-            overwrite=args.overwrite,
-            progress_every_s=args.progress_every,
-        )
-        paths = extract_slides(jobs, args.out, opts)
+        recorded = read_coords(jobs[0].coords).slide_id if args.slide_id else None
+        if recorded != args.slide_id:
+            raise StoreError(f"{jobs[0].coords} records slide {recorded!r}, not {args.slide_id!r} (option --slide-id); "
+                             f"re-run tiling for this slide")
+        paths = extract_slides(jobs, args.out, from_arguments(ExtractOptions, args))
     except (StoreError, SlideError, EncoderCheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for p in paths:
         print(p)
     return 0
-

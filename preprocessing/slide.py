@@ -103,9 +103,10 @@ class WholeSlide:
         path: str | Path,
         mpp_override: float | None = None,
         background: tuple[int, int, int] | None = None,
+        slide_id: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.slide_id = slide_id_from_path(self.path)
+        self.slide_id = slide_id or slide_id_from_path(self.path)  # a sample sheet may name it otherwise
         if not self.path.exists():
             raise SlideError(f"slide {self.slide_id}: file not found: {self.path}")
         try:

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -21,12 +21,15 @@ import h5py
 import numpy as np
 
 from preprocessing import __version__
+from wsicore.cli import command_parser
 from wsicore.files import atomic_path, write_json
+from wsicore.settings import add_arguments, given, setting
 from preprocessing.slide import SlideError, WholeSlide, slide_id_from_path
 from preprocessing.tissue import (
     SegmentationParams,
     TissueMask,
     add_segmentation_arguments,
+    add_slide_arguments,
     load_tissue_polygons,
     make_params,
     params_from_args,
@@ -47,25 +50,28 @@ CLAM_CONTOUR_FNS = ("four_pt", "four_pt_hard", "center", "basic")
 
 @dataclass
 class TilingParams:
-    """Tiling settings (config section `tiling`)."""
+    """Tiling (config section `tiling`); sizes are in pixels at the target resolution."""
 
-    target_mpp: float = field(default=0.5, metadata={"help": "µm/px of the patches (0.5 ≈ 20x)"})
-    patch_size: int = field(default=224, metadata={"help": "patch side in px at target_mpp"})
-    stride: int | None = field(default=None, metadata={
-        "help": "grid step in px at target_mpp; None = patch_size (no overlap)"})
-    min_tissue_fraction: float = field(default=0.15, metadata={
-        "help": "fraction rule: keep a patch when at least this share of it is tissue on the mask (0 = any tissue); "
-                "trident rule: TRIDENT's min_tissue_proportion"})
-    rule: str = field(default="fraction", metadata={
-        "help": "'fraction': one grid from level-0 (0, 0), patches inside the slide, tissue share on the mask; "
-                "'clam': CLAM's create_patches_fp (a grid per contour bounding box, contour_fn test, holes); "
-                "'trident': TRIDENT's grid from (0, 0) and any patch touching the (simplified) tissue polygons"})
-    contour_fn: str = field(default="four_pt", metadata={
-        "help": "clam rule: CLAM's contour check (four_pt: any of 4 points inside; four_pt_hard: all 4; center; "
-                "basic: the top-left corner)"})
-    use_padding: bool = field(default=True, metadata={
-        "help": "patches may run past the slide edge, so tissue touching the edge is kept; the part past the edge "
-                "reads as background and counts as such in the tissue fraction (CLAM's use_padding; TRIDENT always)"})
+    target_mpp: float = setting(0.5, help="µm/px of the patches (0.5 ≈ 20x)", exclusive_minimum=0)
+    patch_size: int = setting(224, help="patch side in px at target_mpp", minimum=1)
+    stride: int | None = setting(None, help="grid step in px at target_mpp; null = patch_size (no overlap)", minimum=1)
+    min_tissue_fraction: float = setting(
+        0.15, minimum=0, maximum=1,
+        help="fraction rule: keep a patch when at least this share of it is tissue on the mask (0 = any tissue); "
+             "trident rule: TRIDENT's min_tissue_proportion")
+    rule: str = setting(
+        "fraction", choices=list(TILING_RULES),
+        help="'fraction': one grid from level-0 (0, 0), tissue share on the mask; 'clam': CLAM's create_patches_fp "
+             "(a grid per contour bounding box, contour_fn test, holes); 'trident': TRIDENT's grid from (0, 0) and "
+             "any patch touching the (simplified) tissue polygons")
+    contour_fn: str = setting(
+        "four_pt", choices=list(CLAM_CONTOUR_FNS),
+        help="clam rule: CLAM's contour check (four_pt: any of 4 points inside; four_pt_hard: all 4; center; "
+             "basic: the top-left corner)")
+    use_padding: bool = setting(
+        True, help="patches may run past the slide edge, so tissue touching the edge is kept; the part past the "
+                   "edge reads as background and counts as such in the tissue fraction (CLAM's use_padding; "
+                   "TRIDENT always)")
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -453,28 +459,27 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing tile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slide", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m preprocessing tile", __doc__,
+                            "python -m preprocessing tile --slide S.svs --out patches/ --seg-dir seg/ --target-mpp 0.5")
+    add_slide_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for <slide_id>.h5 and images")
-    parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
-    parser.add_argument("--target-mpp", type=float, help="µm/px of the patches (default 0.5)")
-    parser.add_argument("--patch-size", type=int, help="patch side at the target resolution (default 224)")
-    parser.add_argument("--stride", type=int, help="grid step at the target resolution (default: patch size)")
-    parser.add_argument("--min-tissue-fraction", type=float,
-                        help=f"keep patches with at least this tissue share (default {TilingParams.min_tissue_fraction})")
-    parser.add_argument("--rule", choices=TILING_RULES, help="patch placement rule (default: the preset's, or fraction)")
-    parser.add_argument("--seg-dir", help="reuse the tissue mask written by `segment` into this folder")
+    parser.add_argument("--seg-dir", help="reuse the tissue mask written by `segment` into this folder "
+                                          "(default: segment here, with the segmentation flags)")
+    add_arguments(parser.add_argument_group("tiling (config section `tiling`)"), TilingParams)
     add_segmentation_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        preset = args.preset or recorded_preset(args.seg_dir, slide_id_from_path(args.slide))
+        slide_id = args.slide_id or slide_id_from_path(args.slide)
+        preset = getattr(args, "preset", None) or recorded_preset(args.seg_dir, slide_id)
         args.preset = preset
-        params = make_tiling_params(preset, target_mpp=args.target_mpp, patch_size=args.patch_size, stride=args.stride,
-                                    min_tissue_fraction=args.min_tissue_fraction, rule=args.rule)
+        params = make_tiling_params(preset, **given(TilingParams, args))
         seg_params = params_from_args(args)
-        with WholeSlide(args.slide, mpp_override=args.mpp) as ws:
+        with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
             summary = run_tiling(ws, params, Path(args.out), seg_params, args.seg_dir, preset)
     except (SlideError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from preprocessing import __version__
+from wsicore.cli import command_parser
 from wsicore.files import atomic_path, write_json
+from wsicore.settings import add_arguments, given, setting
 from preprocessing.slide import SlideError, UnusualSlideError, WholeSlide
 
 # CLAM expresses areas in multiples of a 512x512 level-0 patch ("ref_patch_size").
@@ -37,36 +39,38 @@ MAX_SEG_PIXELS = 100_000_000
 
 @dataclass
 class SegmentationParams:
-    """Segmentation settings (config section `segmentation`). Kernel sizes are in segmentation-image pixels."""
+    """Tissue segmentation (config section `segmentation`); kernel sizes are in segmentation-image pixels."""
 
-    seg_mpp: float = field(default=8.0, metadata={"help": "µm/px of the segmentation thumbnail"})
-    seg_level: int | None = field(default=None, metadata={
-        "help": "segment a whole pyramid level as stored instead of a seg_mpp thumbnail: a level index, or -1 for "
-                "CLAM's choice (the level OpenSlide picks for a 64x downsample)"})
-    sthresh: int | None = field(default=15, metadata={
-        "help": "fixed saturation threshold 0-255 (glass is below 5, faint stroma 15-50); None or -1 = Otsu, which on "
-                "sections with much pale stroma splits stroma from epithelium instead of tissue from glass"})
-    min_saturation: int = field(default=15, metadata={
-        "help": "floor under the Otsu threshold, so blank glass yields no tissue"})
-    median_kernel: int = field(default=5, metadata={"help": "median blur of the saturation (odd, px)"})
-    close_kernel: int = field(default=4, metadata={"help": "morphological closing kernel side (px); 0 = none"})
-    min_tissue_area_um2: float = field(default=2_000.0, metadata={
-        "help": "tissue regions smaller than this (net of holes) are dropped (unit: area_unit)"})
-    min_hole_area_um2: float = field(default=10_000.0, metadata={
-        "help": "holes smaller than this are filled (unit: area_unit)"})
-    max_n_holes: int = field(default=8, metadata={"help": "largest holes kept per tissue region; 0 = holes are tissue"})
-    area_unit: str = field(default="um2", metadata={
-        "help": "'um2': the two areas are µm²; 'clam_ref_patch': they count 512x512 level-0 patches (CLAM's a_t, a_h)"})
-    geometry: str = field(default="centred", metadata={
-        "help": "'centred': a shift-free closing and contour points at pixel centres; 'clam': CLAM's pixel geometry "
-                "(OpenCV's default anchor for an even closing kernel, which moves the mask one pixel down-right, and "
-                "contour points truncated to level 0), only to reproduce CLAM"})
-    allow_unusual_slide: bool = field(default=False, metadata={
-        "help": "process a slide whose pixel size or size is implausible (refused otherwise, before any pixel is read)"})
+    seg_mpp: float = setting(8.0, help="µm/px of the segmentation thumbnail", exclusive_minimum=0)
+    seg_level: int | None = setting(
+        None, minimum=-1,
+        help="segment a whole pyramid level as stored instead of a seg_mpp thumbnail: a level index, or -1 for "
+             "CLAM's choice (the level OpenSlide picks for a 64x downsample)")
+    sthresh: int = setting(
+        15, minimum=-1, maximum=255,
+        help="fixed saturation threshold 0-255 (glass is below 5, faint stroma 15-50); -1 = Otsu, which on sections "
+             "with much pale stroma splits stroma from epithelium instead of tissue from glass")
+    min_saturation: int = setting(15, minimum=0, maximum=255,
+                                  help="floor under the Otsu threshold, so blank glass yields no tissue")
+    median_kernel: int = setting(5, minimum=1, help="median blur of the saturation (odd, px)")
+    close_kernel: int = setting(4, minimum=0, help="morphological closing kernel side (px); 0 = none")
+    min_tissue_area_um2: float = setting(
+        2_000.0, minimum=0, help="tissue regions smaller than this (net of holes) are dropped (unit: area_unit)")
+    min_hole_area_um2: float = setting(10_000.0, minimum=0, help="holes smaller than this are filled (unit: area_unit)")
+    max_n_holes: int = setting(8, minimum=0, help="largest holes kept per tissue region; 0 = holes are tissue")
+    area_unit: str = setting(
+        "um2", choices=["um2", "clam_ref_patch"],
+        help="unit of the two areas: µm², or CLAM's 512x512 level-0 reference patches (its a_t, a_h)")
+    geometry: str = setting(
+        "centred", choices=["centred", "clam"],
+        help="'centred': a shift-free closing and contour points at pixel centres; 'clam': CLAM's pixel geometry "
+             "(OpenCV's default anchor for an even closing kernel, which moves the mask one pixel down-right, and "
+             "contour points truncated to level 0), only to reproduce CLAM")
+    allow_unusual_slide: bool = setting(
+        False, help="process a slide whose pixel size or size is implausible (refused otherwise, before any pixel "
+                    "is read)")
 
     def __post_init__(self) -> None:
-        if self.sthresh == -1:
-            self.sthresh = None  # -1 asks for Otsu where None means "not given" (flags, config)
         if self.area_unit not in {"um2", "clam_ref_patch"}:
             raise ValueError(f"segmentation.area_unit must be 'um2' or 'clam_ref_patch', got {self.area_unit!r}")
         if self.geometry not in {"centred", "clam"}:
@@ -178,7 +182,7 @@ def saturation_threshold(rgb: np.ndarray, params: SegmentationParams) -> tuple[n
     """Binary foreground from HSV saturation: median blur, Otsu (floored) or a fixed threshold, closing."""
     sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1]
     sat = cv2.medianBlur(sat, params.median_kernel)
-    if params.sthresh is None:
+    if params.sthresh < 0:  # Otsu
         otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         thresh = max(float(otsu), float(params.min_saturation))
     else:
@@ -444,53 +448,40 @@ def segment_slide(
 
 
 def add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options mirroring the config section `segmentation` (shared by `segment` and `tile`)."""
-    g = parser.add_argument_group("segmentation")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="segmentation + tiling preset: clam (= clam_tcga, CLAM's presets/tcga.csv), clam_bwh_biopsy, "
-                        "clam_bwh_resection reproduce CLAM's create_patches_fp.py; trident reproduces TRIDENT's patching")
-    g.add_argument("--seg-mpp", type=float, help="µm/px of the segmentation thumbnail (default 8)")
-    g.add_argument("--seg-level", type=int, help="segment this pyramid level as stored (-1: CLAM's choice)")
-    g.add_argument("--sthresh", type=int, help="fixed saturation threshold 0-255 (default 15; -1: Otsu)")
-    g.add_argument("--min-saturation", type=int, help="floor under the Otsu threshold (default 15)")
-    g.add_argument("--median-kernel", type=int)
-    g.add_argument("--close-kernel", type=int)
-    g.add_argument("--min-tissue-area-um2", type=float)
-    g.add_argument("--min-hole-area-um2", type=float)
-    g.add_argument("--max-n-holes", type=int)
-    g.add_argument("--allow-unusual-slide", action="store_true", default=None,
-                   help="process a slide whose pixel size (outside 0.05-20 µm/px) or claimed size is implausible")
+    """The flags of the config section `segmentation` (shared by `segment` and `tile`)."""
+    add_arguments(parser.add_argument_group("segmentation (config section `segmentation`)"), SegmentationParams,
+                  presets=PRESETS)
 
 
 def params_from_args(args: argparse.Namespace) -> SegmentationParams:
-    return make_params(
-        args.preset,
-        seg_mpp=args.seg_mpp,
-        seg_level=args.seg_level,
-        sthresh=args.sthresh,
-        min_saturation=args.min_saturation,
-        median_kernel=args.median_kernel,
-        close_kernel=args.close_kernel,
-        min_tissue_area_um2=args.min_tissue_area_um2,
-        min_hole_area_um2=args.min_hole_area_um2,
-        max_n_holes=args.max_n_holes,
-        allow_unusual_slide=args.allow_unusual_slide,
-    )
+    """The preset named by --preset, overridden by the segmentation flags given."""
+    return make_params(getattr(args, "preset", None), **given(SegmentationParams, args))
+
+
+def add_slide_arguments(parser: argparse.ArgumentParser) -> None:
+    """--slide, --slide-id and --mpp: one slide, the id its outputs are named after, its pixel size."""
+    parser.add_argument("--slide", required=True, help="slide file")
+    parser.add_argument("--slide-id", help="id in every output name (a sample sheet's slide_id); "
+                                           "default: the file name without its extension")
+    parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m preprocessing segment", __doc__,
+                            "python -m preprocessing segment --slide S.svs --out seg/ --preset clam")
+    add_slide_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder")
+    add_segmentation_arguments(parser)
+    return parser
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing segment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slide", required=True)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--mpp", type=float, help="level-0 µm/px override (config key mpp_overrides)")
-    add_segmentation_arguments(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         params = params_from_args(args)
-        with WholeSlide(args.slide, mpp_override=args.mpp) as ws:
+        with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
             result = segment_slide_object(ws, params)
-            summary = write_segmentation(result, ws, params, Path(args.out), args.preset)
+            summary = write_segmentation(result, ws, params, Path(args.out), getattr(args, "preset", None))
     except (SlideError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

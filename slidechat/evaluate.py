@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from preprocessing.stores import FeatureStoreIndex, read_slide_map
+from wsicore.cli import command_parser
+from wsicore.files import write_json
+from wsicore.settings import add_arguments, from_arguments, setting
 from slidechat.benchmarks_io import (
     DEFAULT_CAPTION_PROMPT,
     LETTER_INSTRUCTION,
@@ -32,25 +35,27 @@ from slidechat.benchmarks_io import (
 )
 from slidechat.scoring import extract_answer, load_judge, score_outputs, summary_lines, warn_leakage
 from slidechat.template import IMAGE_TOKEN
-from wsicore.files import write_json
 
 OUTPUT_EXTRA_COLUMNS = ["Status", "MaxNewTokens", "LetterInstruction"]
 
 
 @dataclass
 class EvalSettings:
-    """Generation settings; all of them are recorded in outputs.csv / metrics.json."""
+    """Benchmark evaluation (config section `evaluation`); every setting is recorded in outputs.csv / metrics.json."""
 
-    max_new_tokens: int = 500
-    answer_with_letter: bool = False  # append LETTER_INSTRUCTION to closed questions (off, as the original)
-    batch_size: int = 8  # questions of one slide per generate call (at most)
-    max_batch_tokens: int = field(default=40960, metadata={"help": (
-        "visual tokens per generate call at most (questions x the slide's tokens): the attention mask and KV "
-        "cache grow with batch x length, so a 38,400-token slide is answered one question at a time")})
-    reuse_slide_encoding: bool = True  # False = re-encode the slide for every question (benchmark baseline)
-    greedy: bool = True
-    caption_prompt: str = DEFAULT_CAPTION_PROMPT
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = setting(500, minimum=1, help="generation budget per answer")
+    answer_with_letter: bool = setting(
+        False, help=f"append '{LETTER_INSTRUCTION}' to closed questions (off, as the original)")
+    batch_size: int = setting(8, minimum=1, help="questions of one slide per generate call (at most)")
+    max_batch_tokens: int = setting(
+        40960, minimum=1,
+        help="visual tokens per generate call at most (questions x the slide's tokens): the attention mask and KV "
+             "cache grow with batch x length, so a 38,400-token slide is answered one question at a time")
+    reuse_slide_encoding: bool = setting(
+        True, help="encode each slide once for all its questions (false: once per question, for checks)")
+    greedy: bool = field(default=True, metadata={"config": False, "cli": False})  # recorded; sampling is not offered
+    caption_prompt: str = setting(DEFAULT_CAPTION_PROMPT, help="prompt for caption CSVs without a question")
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"config": False, "cli": False})
 
 
 def build_question(item: BenchItem, settings: EvalSettings) -> str:
@@ -308,16 +313,20 @@ def _read_partial(path: Path, key: dict[str, Any], log: Callable[[str], None] | 
     return done
 
 
-def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=500, help="generation budget per answer (default 500)")
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the model to this dtype (default: as loaded)")
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="slidechat evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=500, help="generation budget per answer (default 500)")
+    add_device_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("slidechat evaluate", __doc__,
+                       "slidechat evaluate --benchmark bench.csv --features-dir F --model models/stage2 --out-dir OUT")
     p.add_argument("--benchmark", required=True, help="SlideBench CSV/JSON, WSI-Bench JSON/folder or caption CSV")
     p.add_argument("--features-dir", required=True, help="folder with <Slide>.zarr / .h5 / .csv feature stores")
     p.add_argument("--model", required=True, help="model directory (ours, released SlideChat weights, xtuner layout)")
@@ -326,22 +335,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--slide-map", default=None,
                    help="CSV: benchmark slide id (Slide/slide_id/image) -> store (features) and/or slide_id")
     p.add_argument("--train-manifest", nargs="*", default=[], help="training manifest(s) for the leakage check")
-    p.add_argument("--answer-with-letter", action="store_true",
-                   help=f"append '{LETTER_INSTRUCTION}' to closed questions (off by default, as the original)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions of one slide per generate call")
-    p.add_argument("--max-batch-tokens", type=int, default=40960, help=EvalSettings.__dataclass_fields__[
-        "max_batch_tokens"].metadata["help"])
-    p.add_argument("--no-reuse", action="store_true", help="re-encode the slide for every question (slow; for checks)")
-    p.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT, help="prompt for caption CSVs without a question")
     p.add_argument("--judge", default=None, help="optional LLM-as-judge hook module:function(reference, hypothesis)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (smoke tests)")
     p.add_argument("--no-resume", action="store_true", help="ignore answers left by an interrupted run")
-    add_generation_arguments(p)
-    a = p.parse_args(argv)
-    settings = EvalSettings(max_new_tokens=a.max_new_tokens, answer_with_letter=a.answer_with_letter,
-                            batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
-                            reuse_slide_encoding=not a.no_reuse,
-                            caption_prompt=a.caption_prompt)
+    add_device_arguments(p)
+    add_arguments(p.add_argument_group("generation (config section `evaluation`)"), EvalSettings)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    settings = from_arguments(EvalSettings, a)
     evaluate(a.benchmark, a.features_dir, a.model, a.out_dir, llm=a.llm, settings=settings, slide_map=a.slide_map,
              train_manifests=a.train_manifest, device=a.device, dtype=a.dtype, judge=load_judge(a.judge),
              limit=a.limit, log=lambda s: print(s, file=sys.stderr), resume=not a.no_resume)

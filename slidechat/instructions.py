@@ -19,6 +19,7 @@ features, fails and names the slides. A leakage guard removes every slide (or, w
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -34,23 +35,20 @@ from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
 from wsicore.files import sha256_file, write_json
+from wsicore.settings import add_arguments, from_arguments, setting
 
 
 @dataclass
-class BuildSettings:
-    """Settings of `slidechat build-instructions` (config section `instructions`)."""
+class InstructionSettings:
+    """Instruction assembly (config section `instructions`)."""
 
-    leakage_level: str = field(default="slide", metadata={
-        "help": "'slide' removes evaluation slides; 'case' also removes other slides of the same TCGA patient"})
-    max_missing_fraction: float = field(default=0.05, metadata={
-        "help": "fail when more than this share of the records (well-formed, not removed by the leakage guard) "
-                "has no usable feature store; 1 builds anyway"})
-
-    def __post_init__(self) -> None:
-        if self.leakage_level not in ("slide", "case"):
-            raise InputError(f"leakage level must be 'slide' or 'case', got {self.leakage_level!r} (--leakage-level)")
-        if not 0.0 <= self.max_missing_fraction <= 1.0:
-            raise InputError(f"--max-missing-fraction must be between 0 and 1, got {self.max_missing_fraction}")
+    leakage_level: str = setting(
+        "slide", choices=["slide", "case"],
+        help="'slide' removes evaluation slides; 'case' also removes other slides of the same TCGA patient")
+    max_missing_fraction: float = setting(
+        0.05, minimum=0, maximum=1,
+        help="fail when more than this share of the records (well-formed, not removed by the leakage guard) has no "
+             "feature store (slides without tissue are a listed skip, not counted here); 1 builds anyway")
 
 
 def leak_key(slide_id: str, level: str = "slide") -> str:
@@ -210,7 +208,7 @@ def _listed(slides: Iterable[str], limit: int = 20) -> str:
     return ", ".join(slides[:limit]) + (f" and {len(slides) - limit} more" if len(slides) > limit else "")
 
 
-def _refuse_losses(report: AssemblyReport, out: Path, settings: BuildSettings) -> None:
+def _refuse_losses(report: AssemblyReport, out: Path, settings: InstructionSettings) -> None:
     """A damaged store, a build that keeps nothing, or one losing too many records is an error."""
     if report.damaged_stores:
         first = report.damaged_stores[0]["error"]
@@ -236,14 +234,14 @@ def build_instructions(
     out: str | os.PathLike,
     exclude_benchmarks: Iterable[str | os.PathLike] = (),
     slide_map: str | os.PathLike | None = None,
-    settings: BuildSettings | None = None,
+    settings: InstructionSettings | None = None,
 ) -> dict:
     """Assemble training JSON `out` and `<out stem>.manifest.json`; returns the manifest.
 
     A file that cannot be parsed at all is an error (it is an input of the DAG, not one bad record), and so
     are a damaged store, a build that keeps nothing and one that loses too many records (`settings`).
     """
-    settings = settings or BuildSettings()
+    settings = settings or InstructionSettings()
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     records: list[Any] = []
     input_info = []
@@ -292,8 +290,7 @@ def manifest_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".manifest.json")
 
 
-def main(argv: list[str]) -> int:
-    defaults = BuildSettings()
+def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("slidechat build-instructions", __doc__,
                             "slidechat build-instructions --input vqa.json --features-dir results/features/conch_v1 "
                             "--out stage2.json --exclude-benchmark SlideBench-VQA-TCGA.csv")
@@ -303,12 +300,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--exclude-benchmark", nargs="*", default=[], metavar="FILE",
                         help="evaluation files (SlideBench CSV/JSON, MultiPathQA CSV, WSI-Bench JSON) whose slides are removed")
     parser.add_argument("--slide-map", help="CSV with columns image, slide_id and/or features (other naming schemes)")
-    parser.add_argument("--leakage-level", choices=["slide", "case"], default=defaults.leakage_level,
-                        help=BuildSettings.__dataclass_fields__["leakage_level"].metadata["help"])
-    parser.add_argument("--max-missing-fraction", type=float, default=defaults.max_missing_fraction,
-                        help=BuildSettings.__dataclass_fields__["max_missing_fraction"].metadata["help"])
-    args = parser.parse_args(argv)
-    settings = BuildSettings(leakage_level=args.leakage_level, max_missing_fraction=args.max_missing_fraction)
+    add_arguments(parser.add_argument_group("assembly (config section `instructions`)"), InstructionSettings)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = from_arguments(InstructionSettings, args)
     m = build_instructions(args.input, args.features_dir, args.out, args.exclude_benchmark, args.slide_map, settings)
     c = m["counts"]
     print(f"{args.out}: kept {c['kept']}/{c['input']} records ({c['kept_slides']} slides); "

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsicore.cli import command_parser
 from wsicore.files import atomic_path, jsonable, write_json
+from wsicore.settings import add_arguments, from_arguments, setting
 from wsicore.errors import UserError, EXIT_DIVERGED
 from wsicore.torchfile import read_torch_file
 
@@ -63,45 +65,55 @@ class TrainSetupError(UserError, RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; YAML keys and CLI flags use the same names."""
+    """One training stage (config sections `train.stage1` / `train.stage2`); YAML keys and flags use the same names."""
 
-    stage: int = 1
-    data: str = ""
-    out: str = ""
-    work_dir: str = ""
-    features_dir: str | None = None
-    llm: str | None = None
-    init: str | None = None  # stage 2: the stage-1 model directory
-    lr: float | None = None  # None = stage default
-    epochs: int | None = None
-    max_steps: int | None = None  # cap on optimizer steps (after epochs are laid out)
-    batch_size: int = 1
-    grad_accum: int = 8
-    max_length: int | None = None
-    max_patches: int | None = None  # None = the model config's max_patches_train
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = None
-    seed: int = 0
-    save_steps: int = 500
-    save_total_limit: int = 2
-    log_steps: int = 1
-    stop_after_step: int | None = None  # save a checkpoint after this step and exit (tests a kill + resume)
-    lora: bool = False
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    load_in_4bit: bool = False  # stage 1: frozen LLM in bitsandbytes NF4 (GPU only)
-    bf16: bool | None = None  # bf16 autocast over fp32 master weights; None = on when CUDA is available
-    gradient_checkpointing: bool | None = None  # None = on when CUDA is available
-    deepspeed: str | None = None  # DeepSpeed JSON config; used when launched by deepspeed/torchrun
-    num_workers: int = 0
-    threads: int | None = None  # torch CPU threads (None = torch's default); 1 is fastest for tiny models
-    curves: str | None = None  # also write the loss/lr PNG here (e.g. a Snakemake report output)
-    gpus_per_node: int = 0  # > 1 outside a launcher: re-run this command under torchrun + DeepSpeed
-    model: dict[str, Any] = field(default_factory=dict)  # SlideChatConfig fields for a new model (stage 1)
+    # Set by the workflow rule (paths, launcher, resources) rather than by a config key of the stage.
+    stage: int = setting(1, choices=[1, 2], config=False, help="1: captions, LLM frozen; 2: instructions, all trained")
+    data: str = setting("", config=False, help="training JSON from build-instructions")
+    out: str = setting("", config=False, help="final model directory (declared output)")
+    work_dir: str = setting("", config=False, help="checkpoints and logs (outside the declared outputs)")
+    features_dir: str | None = setting(None, config=False, help="folder of the feature stores")
+    llm: str | None = setting(None, config=False, help="local Hugging Face LLM directory")
+    init: str | None = setting(None, config=False, help="stage 2: the stage-1 model directory")
+    # The schedule; None = the stage's default (STAGE_DEFAULTS).
+    lr: float | None = setting(None, exclusive_minimum=0, help="peak learning rate; null = 1e-3 (stage 1), 2e-5 (stage 2)")
+    epochs: int | None = setting(None, minimum=1, help="passes over the data; null = 3 (stage 1), 1 (stage 2)")
+    max_steps: int | None = setting(None, minimum=1, help="cap on optimizer steps (after epochs are laid out)")
+    batch_size: int = setting(1, minimum=1, help="records per micro-batch and device")
+    grad_accum: int = setting(8, minimum=1, help="micro-batches per optimizer step")
+    max_length: int | None = setting(
+        None, minimum=16, help="token cap per record; null = 51200 (stage 1), 19600 (stage 2)")
+    max_patches: int | None = setting(None, minimum=1, help="patch cap per slide; null = the model's max_patches_train")
+    warmup_ratio: float = setting(0.03, minimum=0, maximum=1, help="share of the steps spent warming up")
+    min_lr_ratio: float = setting(0.0, minimum=0, maximum=1, help="final learning rate over the peak (cosine)")
+    weight_decay: float = setting(0.0, minimum=0, help="AdamW weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW betas")
+    grad_clip: float | None = setting(None, exclusive_minimum=0, help="gradient norm clip; null = 1.0")
+    seed: int = setting(0, help="seed of data order and initialisation")
+    save_steps: int = setting(500, minimum=1, help="optimizer steps between checkpoints")
+    save_total_limit: int = setting(2, minimum=0, help="checkpoints kept (0: all)")
+    log_steps: int = setting(1, minimum=1, help="optimizer steps between log lines")
+    stop_after_step: int | None = setting(
+        None, config=False, help="save a checkpoint after this step and exit (tests a kill + resume)")
+    lora: bool = setting(False, help="stage 2: LoRA adapters on the LLM instead of training all of it")
+    lora_r: int = setting(64, minimum=1, help="LoRA rank")
+    lora_alpha: int = setting(16, minimum=1, help="LoRA alpha")
+    lora_dropout: float = setting(0.05, minimum=0, maximum=1, help="LoRA dropout")
+    load_in_4bit: bool = setting(False, help="stage 1: frozen LLM in bitsandbytes NF4 (GPU only)")
+    bf16: bool | None = setting(
+        None, help="bf16 autocast over fp32 master weights (frozen weights stored in bf16); null = on when CUDA "
+                   "is available")
+    gradient_checkpointing: bool | None = setting(None, help="recompute activations; null = on when CUDA is available")
+    deepspeed: str | None = setting(
+        None, config=False, help="DeepSpeed JSON (configs/deepspeed/zero2.json); needs a deepspeed/torchrun launch")
+    num_workers: int = setting(0, minimum=0, help="data loader processes")
+    threads: int | None = setting(
+        None, minimum=1, config=False, help="torch CPU threads (default: torch's); 1 is fastest for tiny models")
+    curves: str | None = setting(None, config=False, help="also write the loss/lr PNG to this path")
+    gpus_per_node: int = setting(
+        0, minimum=0, config=False, help="GPUs per node; > 1 starts torchrun with --deepspeed (nodes from SLURM_NNODES)")
+    # SlideChatConfig fields for a new model (stage 1): the config section `model`, passed as --model-config JSON
+    model: dict[str, Any] = field(default_factory=dict, metadata={"config": False, "cli": False})
 
     def resolved(self) -> "TrainConfig":
         """Fill stage defaults and check what is required, naming the option at fault."""
@@ -988,55 +1000,37 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+MODEL_FLAGS = ("context", "bypass_slide_encoder", "encoder_layers", "encoder_ffn_dim", "encoder_heads")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slidechat train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML with TrainConfig fields (flags given here override it)")
-    p.add_argument("--stage", type=int, choices=[1, 2])
-    p.add_argument("--data", help="training JSON from build-instructions")
-    p.add_argument("--features-dir", dest="features_dir")
-    p.add_argument("--llm", help="local Hugging Face LLM directory")
-    p.add_argument("--init", help="stage 2: stage-1 model directory")
-    p.add_argument("--out", help="final model directory (declared output)")
-    p.add_argument("--work-dir", dest="work_dir", help="checkpoints and logs (outside the declared outputs)")
-    for name, typ in (("lr", float), ("epochs", int), ("max-steps", int), ("batch-size", int), ("grad-accum", int),
-                      ("max-length", int), ("max-patches", int), ("warmup-ratio", float), ("min-lr-ratio", float),
-                      ("weight-decay", float), ("grad-clip", float), ("seed", int), ("save-steps", int),
-                      ("save-total-limit", int), ("log-steps", int), ("stop-after-step", int), ("lora-r", int),
-                      ("lora-alpha", int), ("lora-dropout", float), ("num-workers", int), ("threads", int)):
-        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=typ)
-    p.add_argument("--lora", action="store_true")
-    p.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction)
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action=argparse.BooleanOptionalAction)
-    p.add_argument("--deepspeed", help="DeepSpeed JSON (configs/deepspeed/zero2.json); needs a deepspeed/torchrun launch")
-    p.add_argument("--curves", help="also write the loss/lr PNG to this path")
-    p.add_argument("--gpus-per-node", dest="gpus_per_node", type=int,
-                   help="GPUs per node; > 1 starts torchrun with --deepspeed (nodes from SLURM_NNODES)")
-    p.add_argument("--context", choices=["slide", "per_patch"], help="model: slide-level or per-patch context")
-    p.add_argument("--bypass-slide-encoder", dest="bypass_slide_encoder", action="store_true",
-                   help="model: no LongNet, features go straight to the projector")
+    p = command_parser("slidechat train", __doc__,
+                       "slidechat train --stage 1 --data stage1.json --features-dir F --llm LLM --out M --work-dir W")
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML with TrainConfig fields (flags given here override it)")
+    add_arguments(p, TrainConfig)
+    g = p.add_argument_group("model (config section `model`; a new stage-1 model)", argument_default=argparse.SUPPRESS)
+    g.add_argument("--context", choices=["slide", "per_patch"], help="slide-level or per-patch context")
+    g.add_argument("--bypass-slide-encoder", dest="bypass_slide_encoder", action="store_true",
+                   help="no LongNet, features go straight to the projector")
     for name in ("encoder-layers", "encoder-ffn-dim", "encoder-heads"):
-        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int, help="model (new stage-1 model): LongNet size")
-    p.add_argument("--model-config", dest="model_json",
-                   help="JSON object of SlideChatConfig fields for a new model (overrides the YAML's `model:`)")
+        g.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int, help="LongNet size")
+    g.add_argument("--model-config", dest="model_json",
+                   help="JSON object of SlideChatConfig fields (overrides the YAML's `model:` and the flags above)")
     p.add_argument("--print-launch", nargs=2, type=int, metavar=("N_GPUS", "N_NODES"), dest="print_launch",
-                   help="print the launcher command for this run on N_GPUS x N_NODES and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
+                   default=argparse.SUPPRESS, help="print the launcher command for this run on N_GPUS x N_NODES and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    """TrainConfig from the YAML named by --config (if any), overridden by the flags given."""
     ns = _parser().parse_args(argv)
     values: dict[str, Any] = load_yaml_config(ns.config) if getattr(ns, "config", None) else {}
-    model_flags = {"context", "bypass_slide_encoder", "encoder_layers", "encoder_ffn_dim", "encoder_heads"}
-    given = {k: v for k, v in vars(ns).items()
-             if k not in {"config", "model_json", "print_launch", "local_rank"} | model_flags}
-    values.update(given)
-    values["model"] = {**values.get("model", {}), **{k: v for k, v in vars(ns).items() if k in model_flags}}
+    model = {**values.get("model", {}), **{k: getattr(ns, k) for k in MODEL_FLAGS if hasattr(ns, k)}}
     if getattr(ns, "model_json", None):
-        values["model"] = {**values.get("model", {}), **json.loads(ns.model_json)}
-    return TrainConfig(**values), ns
+        model.update(json.loads(ns.model_json))
+    return from_arguments(TrainConfig, ns, base=values, model=model), ns
 
 
 def main(argv: list[str]) -> int:

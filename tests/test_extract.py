@@ -177,8 +177,8 @@ def test_sigkilled_cli_run_resumes(synth, tmp_path):
     """A real SIGKILL of `python -m preprocessing extract` (reader pool running), then a rerun."""
     out = tmp_path / "feats"
     cmd = [sys.executable, "-m", "preprocessing", "extract", "--slide", str(synth["slide"]), "--coords",
-           str(synth["coords"]), "--out", str(out), "--num-workers", "1", "--batch-size", "1", "--chunk-rows", "1",
-           "--dtype", "float32"]
+           str(synth["coords"]), "--out", str(out), "--encoder", "conch_tiny", "--num-workers", "1", "--batch-size", "1",
+           "--chunk-rows", "1", "--dtype", "float32"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     progress = out / ".syn-a.zarr.partial.zarr" / ".progress"
@@ -195,7 +195,7 @@ def test_sigkilled_cli_run_resumes(synth, tmp_path):
     done_before = {p.name for p in progress.iterdir() if p.name.isdigit()}
     assert done_before
     assert main(["--slide", str(synth["slide"]), "--coords", str(synth["coords"]), "--out", str(out),
-                 "--num-workers", "0", "--chunk-rows", "1", "--dtype", "float32"]) == 0
+                 "--encoder", "conch_tiny", "--num-workers", "0", "--chunk-rows", "1", "--dtype", "float32"]) == 0
     ref = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "ref", num_workers=0, dtype="float32"))
     got = load_features(out / "syn-a.zarr")
     np.testing.assert_allclose(got.features, ref.features, atol=1e-5, rtol=1e-5)
@@ -230,8 +230,8 @@ def test_one_pool_for_several_slides(synth, tmp_path):
                                  downsamples=(4,), tile=TILE)
     coords_b = _tile(second, tmp_path / "tiles")
     jobs = [SlideJob(synth["slide"], synth["coords"]), SlideJob(second, coords_b)]
-    outs = extract_slides(jobs, tmp_path / "pool", num_workers=2, batch_size=7, chunk_rows=5, dtype="float32",
-                          region_px=900)
+    outs = extract_slides(jobs, tmp_path / "pool", ExtractOptions(encoder="conch_tiny", num_workers=2, batch_size=7,
+                                                                  chunk_rows=5, dtype="float32", region_px=900))
     assert [p.name for p in outs] == ["syn-a.zarr", "syn-b.zarr"]
     for job, out in zip(jobs, outs):
         single = extract_slide(job.slide, job.coords, tmp_path / "single", num_workers=0, dtype="float32")

@@ -16,7 +16,7 @@ from preprocessing.stores import normalize_slide_id, write_zarr_store
 from slidechat import demo_data, instructions
 from slidechat.benchmarks_io import benchmark_slide_ids
 from slidechat.cli import main as cli
-from slidechat.instructions import BuildSettings, build_instructions
+from slidechat.instructions import InstructionSettings, build_instructions
 
 EXAMPLE_IDS = ["TCGA-A7-A0CJ-01Z-00-DX2", "TCGA-AR-A255-01Z-00-DX1", "TCGA-A7-A6VV-01Z-00-DX2"]
 
@@ -58,7 +58,7 @@ def test_real_example_missing_slides_and_leakage(vlm_data: Path, tmp_path: Path)
         w.writerow([0, EXAMPLE_IDS[0], "BRCA", "Diagnosis", "x", "q?", "a", "b", "c", "d", "A"])
     out = tmp_path / "train.json"
     m = build_instructions(example, feats, out, exclude_benchmarks=[bench_csv, vlm_data / "slidebench_vqa_tcga_1494.json"],
-                           settings=BuildSettings(max_missing_fraction=0.5))
+                           settings=InstructionSettings(max_missing_fraction=0.5))
     kept = json.loads(out.read_text())
     assert [r["slide_id"] for r in kept] == [EXAMPLE_IDS[1]]
     assert kept[0]["features"].endswith(f"{EXAMPLE_IDS[1]}.csv")

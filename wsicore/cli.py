@@ -27,7 +27,10 @@ class Command:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and shows every flag's default."""
+    """Keeps the description's line breaks and shows every flag's default (none for flags without one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def command_parser(prog: str, description: str | None, example: str | None = None) -> argparse.ArgumentParser:

@@ -1,17 +1,35 @@
-# Slide discovery, paths and input functions shared by every rule file.
-import csv
+# Slide discovery, paths, command arguments and input functions shared by every rule file.
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
+from snakemake.logging import logger
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+# Standard library only, imported from this checkout (Snakemake puts the Snakefile's folder on sys.path), so
+# they work also where our package is not installed (--use-conda).
+from wsicore.files import write_text
+from wsicore.settings import shell_args
 
 RESULTS = config["results_dir"]
 DEMO = config["demo"]["enabled"]
 DEMO_DIR = f"{RESULTS}/demo"
 DEMO_CLASSES = 3  # preprocessing.synthetic.CLASSES
+
+# Jobs run the commands of the Python environment that runs Snakemake, so nothing has to be activated
+# (`.venv/bin/snakemake` is enough); under --use-conda each job's own environment provides them instead.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    _bin = (
+        shlex.quote(str(Path(sys.executable).parent))
+        .replace("{", "{{")
+        .replace("}", "}}")
+    )
+    shell.prefix(f'set -euo pipefail; export PATH={_bin}:"$PATH"; ')
 
 
 wildcard_constraints:
@@ -35,6 +53,11 @@ def _sample_sheet_slides(sheet):
         dups = sorted(table.loc[table["slide_id"].duplicated(), "slide_id"])
         raise ValueError(f"slides.sample_sheet {sheet}: duplicate slide_id {dups}")
     for row in table.itertuples():
+        # A path is data: it reaches commands quoted, and it must name an existing slide file.
+        if not Path(row.path).is_file():
+            raise ValueError(
+                f"slides.sample_sheet {sheet}: slide {row.slide_id}: path {row.path!r} is not a file"
+            )
         if getattr(row, "mpp", None):
             config["mpp_overrides"].setdefault(row.slide_id, float(row.mpp))
     return dict(zip(table["slide_id"], table["path"]))
@@ -91,33 +114,32 @@ CKPT_DIR = (
 )
 EVAL_DIR = f"{RESULTS}/eval"
 
+# ---------------------------------------------------------------------------------------- command arguments
+# The keys of each stage block, generated from the stage's settings dataclass (wsicore.settings).
+_STAGE_SCHEMA = Path(workflow.basedir, "workflow", "schemas", "stages.schema.yaml")
+STAGE_KEYS = {
+    name: list(block["properties"])
+    for name, block in yaml.safe_load(_STAGE_SCHEMA.read_text())["$defs"].items()
+}
+
+
+def stage_args(block, *path):
+    """The flags for a stage's config block, shell-quoted: every key the user wrote (USER_CONFIG, before the
+    schema's defaults were filled in) is passed, so false and 0 arrive too; a key left out gets the command's
+    default, which the schema documents, and a preset is not overridden by defaults nobody chose.
+    """
+    values = USER_CONFIG
+    for key in path:
+        values = values.get(key) or {}
+    return shell_args(values, STAGE_KEYS[block])
+
 
 def slide_path(wildcards):
     return SLIDES[wildcards.slide]
 
 
-def mpp_arg(wildcards):
-    mpp = config["mpp_overrides"].get(wildcards.slide)
-    return f"--mpp {mpp}" if mpp else ""
-
-
-def segmentation_args():
-    seg = config["segmentation"]
-    args = [f"--preset {seg['preset']}"] if seg.get("preset") else []
-    for key, value in seg.items():
-        if key == "allow_unusual_slide":
-            args += ["--allow-unusual-slide"] if value else []
-        elif key != "preset" and value is not None:
-            args.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join(args)
-
-
-def tiling_args():
-    t = config["tiling"]
-    args = f"--target-mpp {t['target_mpp']} --patch-size {t['patch_size']}"
-    if t["min_tissue_fraction"] is not None:
-        args += f" --min-tissue-fraction {t['min_tissue_fraction']}"
-    return args + (f" --stride {t['stride']}" if t["stride"] else "")
+def mpp_args(wildcards):
+    return shell_args({"mpp": config["mpp_overrides"].get(wildcards.slide)})
 
 
 def feature_store(slide):
@@ -128,7 +150,24 @@ def all_feature_stores(wildcards=None):
     return [feature_store(s) for s in SLIDES]
 
 
-def encoder_checkpoint():
+def parent_dir(path):
+    return str(Path(path).parent)
+
+
+def features_dir_of(wildcards, input):
+    return parent_dir(input.stores[0])
+
+
+def mpi_launcher(wildcards, resources):
+    """`srun` (one rank per task) when the profile gives the rule an `mpi` resource, else nothing."""
+    return getattr(resources, "mpi", "") or ""
+
+
+# ---------------------------------------------------------------- keys checked only by the rules that use them
+# Called from input functions and params, so `snakemake segment_tissue` starts without an LLM or instructions.
+
+
+def encoder_weights(wildcards):
     ckpt = config["features"]["checkpoint"]
     if config["features"]["encoder"] == "conch_v1" and not ckpt:
         raise ValueError(
@@ -136,10 +175,10 @@ def encoder_checkpoint():
         )
     if ckpt and not Path(ckpt).exists():
         raise ValueError(f"features.checkpoint: file not found: {ckpt}")
-    return ckpt
+    return ckpt or []
 
 
-def llm_dir():
+def llm_dir(wildcards=None):
     if config["llm"]["path"]:
         if not Path(config["llm"]["path"]).is_dir():
             raise ValueError(f"llm.path: not a directory: {config['llm']['path']}")
@@ -176,35 +215,103 @@ def benchmark_file(wildcards):
     return benchmarks()[wildcards.benchmark]
 
 
+def excluded_benchmarks():
+    """Benchmark files whose slides stay out of training: every evaluation benchmark and the listed others."""
+    return sorted(
+        set(benchmarks().values()) | set(config["instructions"]["exclude_benchmarks"])
+    )
+
+
+def recorded(path, text):
+    """`path`, holding `text`: rewritten (at parse time, dry runs included) only when `text` differs, so its
+    mtime says when it last changed and rules that take it as input rerun under `rerun-triggers: mtime`.
+    """
+    if not Path(path).is_file() or Path(path).read_text() != text:
+        write_text(path, text)
+    return path
+
+
+# What decides which records build_instructions keeps (leakage guard): changing the benchmarks, the slide
+# map or an assembly setting rebuilds the instructions, and so retrains.
+LEAKAGE_GUARD = recorded(
+    f"{INSTR_DIR}/leakage_guard.json",
+    json.dumps(
+        {
+            "exclude_benchmarks": excluded_benchmarks(),
+            "slide_map": config["instructions"]["slide_map"],
+            "settings": stage_args("instructions", "instructions"),
+        },
+        indent=2,
+        sort_keys=True,
+    )
+    + "\n",
+)
+
+
+def slide_map_input(wildcards):
+    return config["instructions"]["slide_map"] or []
+
+
+def slide_map_args(wildcards, input):
+    return shell_args({"slide_map": input.slide_map or None})
+
+
 def train_args(stage):
-    s = config["train"][f"stage{stage}"]
-    args = [
-        f"--{k.replace('_', '-')} {v}" for k, v in s.items() if not isinstance(v, bool)
-    ]
-    args += [f"--{k.replace('_', '-')}" for k, v in s.items() if v is True]
-    m = config["model"]
-    args.append(f"--max-patches {m['max_patches_train']}")
-    args.append(f"--model-config {shlex.quote(json.dumps(m, sort_keys=True))}")
-    if config["train"]["deepspeed"]:
-        args.append(f"--deepspeed {config['train']['deepspeed']}")
-    if config["train"]["gpus_per_node"]:
-        args.append(f"--gpus-per-node {config['train']['gpus_per_node']}")
-    args.append(f"--threads {config['train']['threads']}")
-    return " ".join(args)
+    """Flags of `slidechat train` from train.stage<N>, the train-level keys and the `model` section."""
+    train = config["train"]
+    shared = {
+        "deepspeed": train["deepspeed"],
+        "gpus_per_node": train["gpus_per_node"],
+        "model_config": json.dumps(config["model"], sort_keys=True),
+    }
+    return f"{stage_args('train_stage', 'train', f'stage{stage}')} {shell_args(shared)}"
 
 
-def mpi_launcher(wildcards, resources):
-    """`srun` (one rank per task) when the profile gives the rule an `mpi` resource, else nothing."""
-    return getattr(resources, "mpi", "") or ""
+# ------------------------------------------------------------------------------------------- what `all` builds
 
 
-def parent_dir(path):
-    return str(Path(path).parent)
+def _configured():
+    """Which products `all` can build with this config, and for each left out, why."""
+    has = {
+        "stage1": bool(config["instructions"]["stage1"] or DEMO),
+        "stage2": bool(config["instructions"]["stage2"] or DEMO),
+        "llm": bool(config["llm"]["path"] or DEMO),
+        "benchmarks": bool(benchmarks()),
+    }
+    left_out = []
+    if not has["stage1"]:
+        left_out.append(
+            "build_instructions stage 1, train_stage1, train_stage2: instructions.stage1 is not set"
+        )
+    if not has["stage2"]:
+        left_out.append(
+            "build_instructions stage 2, train_stage2: instructions.stage2 is not set"
+        )
+    if not has["llm"]:
+        left_out.append("train_stage1, train_stage2: llm.path is not set")
+    if not has["benchmarks"]:
+        left_out.append("evaluate: evaluation.benchmarks is empty")
+    elif not (has["stage1"] and has["stage2"] and has["llm"]):
+        left_out.append("evaluate: there is no stage-2 model to evaluate (see above)")
+    return has, left_out
 
 
-def features_dir_of(wildcards, input):
-    return parent_dir(input.stores[0])
+def all_targets():
+    """Every product whose inputs are configured: feature stores and the slide table always; instructions when
+    given; models when the LLM is given too (with or without benchmarks); evaluations when there are benchmarks.
+    """
+    has, _ = _configured()
+    targets = all_feature_stores() + [f"{RESULTS}/summary/slides.tsv"]
+    targets += [f"{INSTR_DIR}/stage{s}.json" for s in ("1", "2") if has[f"stage{s}"]]
+    if has["stage1"] and has["llm"]:
+        targets.append(f"{MODEL_DIR}/stage1")
+        if has["stage2"]:
+            targets.append(f"{MODEL_DIR}/stage2")
+            targets += [f"{EVAL_DIR}/{name}/metrics.json" for name in benchmarks()]
+    return targets
 
 
-def report_inputs():
-    return [f"{RESULTS}/summary/slides.tsv"]
+def report_left_out():
+    """One line per stage that `all` leaves out with this config (none with the demo)."""
+    for line in _configured()[1]:
+        logger.info(f"`all` leaves out {line}")

@@ -11,7 +11,7 @@ rule make_demo_slides:
     benchmark:
         f"{BENCH_DIR}/make_demo_slides.tsv"
     conda:
-        "../../envs/preprocessing.yaml"
+        "../../envs/slidechat.yaml"
     threads: 2
     resources:
         mem_mb=2000,
@@ -24,8 +24,8 @@ rule make_demo_slides:
         size=config["demo"]["size"],
         seed=config["demo"]["seed"],
     shell:
-        "python -m preprocessing synth --out {params.out} --train-per-class {params.train} "
-        "--test-per-class {params.test} --size {params.size} --seed {params.seed} --workers {threads} > {log} 2>&1"
+        "python -m preprocessing synth --out {params.out:q} --train-per-class {params.train} "
+        "--test-per-class {params.test} --size {params.size} --seed {params.seed} --workers {threads} > {log:q} 2>&1"
 
 
 rule make_demo_instructions:
@@ -39,7 +39,7 @@ rule make_demo_instructions:
     log:
         f"{LOG_DIR}/make_demo_instructions.log",
     conda:
-        "../../envs/training.yaml"
+        "../../envs/slidechat.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -49,7 +49,8 @@ rule make_demo_instructions:
         out=lambda wildcards, output: parent_dir(output.corpus),
         seed=config["demo"]["seed"],
     shell:
-        "slidechat demo-instructions --labels {input.labels} --out {params.out} --seed {params.seed} > {log} 2>&1"
+        "python -m slidechat demo-instructions --labels {input.labels:q} --out {params.out:q} --seed {params.seed} "
+        "> {log:q} 2>&1"
 
 
 rule make_tiny_llm:
@@ -60,7 +61,7 @@ rule make_tiny_llm:
     log:
         f"{LOG_DIR}/make_tiny_llm.log",
     conda:
-        "../../envs/training.yaml"
+        "../../envs/slidechat.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -73,6 +74,6 @@ rule make_tiny_llm:
         heads=config["llm"]["tiny"]["num_heads"],
         seed=config["demo"]["seed"],
     shell:
-        "slidechat make-tiny-llm --out {output} --corpus {input.corpus} --vocab-size {params.vocab} "
+        "python -m slidechat make-tiny-llm --out {output:q} --corpus {input.corpus:q} --vocab-size {params.vocab} "
         "--hidden-size {params.hidden} --num-layers {params.layers} --num-heads {params.heads} "
-        "--seed {params.seed} > {log} 2>&1"
+        "--seed {params.seed} > {log:q} 2>&1"

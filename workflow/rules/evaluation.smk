@@ -5,7 +5,7 @@ rule evaluate_benchmark:
     input:
         benchmark=benchmark_file,
         model=rules.train_stage2.output.model,
-        llm=llm_dir(),
+        llm=llm_dir,
         stores=all_feature_stores,
         manifest=f"{INSTR_DIR}/stage2.manifest.json",
     output:
@@ -27,7 +27,7 @@ rule evaluate_benchmark:
     benchmark:
         f"{BENCH_DIR}/evaluate/{{benchmark}}.tsv"
     conda:
-        "../../envs/training.yaml"
+        "../../envs/slidechat.yaml"
     threads: 2
     resources:
         mem_mb=16000,
@@ -36,16 +36,11 @@ rule evaluate_benchmark:
     params:
         out=lambda wildcards, output: parent_dir(output.metrics),
         features_dir=features_dir_of,
-        max_new_tokens=config["evaluation"]["max_new_tokens"],
-        letter=(
-            "--answer-with-letter"
-            if config["evaluation"]["answer_with_letter"]
-            else ""
-        ),
+        settings=stage_args("evaluation", "evaluation"),
     shell:
-        "slidechat evaluate --benchmark {input.benchmark} --features-dir {params.features_dir} --model {input.model} "
-        "--llm {input.llm} --out-dir {params.out} --train-manifest {input.manifest} "
-        "--max-new-tokens {params.max_new_tokens} {params.letter} > {log} 2>&1"
+        "python -m slidechat evaluate --benchmark {input.benchmark:q} --features-dir {params.features_dir:q} "
+        "--model {input.model:q} --llm {input.llm:q} --out-dir {params.out:q} --train-manifest {input.manifest:q} "
+        "{params.settings} > {log:q} 2>&1"
 
 
 rule evaluate:

@@ -5,6 +5,7 @@ rule extract_features_slide:
     input:
         slide=slide_path,
         coords=rules.tile_slide.output.coords,
+        weights=encoder_weights,
     output:
         store=(
             directory(f"{FEATURE_DIR}/{{slide}}.zarr")
@@ -16,7 +17,7 @@ rule extract_features_slide:
     benchmark:
         f"{BENCH_DIR}/extract_features/{{slide}}.tsv"
     conda:
-        "../../envs/features.yaml"
+        "../../envs/slidechat.yaml"
     threads: max(1, config["features"]["num_workers"])
     resources:
         mem_mb=8000,
@@ -24,30 +25,11 @@ rule extract_features_slide:
         gpu=0 if config["features"]["device"] == "cpu" else 1,
     params:
         out=lambda wildcards, output: parent_dir(output.store),
-        mpp=mpp_arg,
-        encoder=config["features"]["encoder"],
-        checkpoint=lambda wc: (
-            f"--checkpoint {encoder_checkpoint()}" if encoder_checkpoint() else ""
-        ),
-        transform=(
-            f"--transform {config['features']['transform']}"
-            if config["features"]["transform"]
-            else ""
-        ),
-        fmt=config["features"]["format"],
-        dtype=config["features"]["dtype"],
-        batch_size=config["features"]["batch_size"],
-        workers=config["features"]["num_workers"],
-        device=(
-            f"--device {config['features']['device']}"
-            if config["features"]["device"] != "auto"
-            else ""
-        ),
+        mpp=mpp_args,
+        features=stage_args("features", "features"),
     shell:
-        "python -m preprocessing extract --slide {input.slide} --coords {input.coords} "
-        "--encoder {params.encoder} {params.checkpoint} {params.transform} --out {params.out} "
-        "--format {params.fmt} --dtype {params.dtype} --batch-size {params.batch_size} "
-        "--num-workers {params.workers} {params.device} {params.mpp} > {log} 2>&1"
+        "python -m preprocessing extract --slide {input.slide:q} --slide-id {wildcards.slide:q} "
+        "--coords {input.coords:q} --out {params.out:q} {params.features} {params.mpp} > {log:q} 2>&1"
 
 
 rule extract_features:
@@ -69,7 +51,7 @@ rule summarize_slides:
     log:
         f"{LOG_DIR}/summarize_slides.log",
     conda:
-        "../../envs/preprocessing.yaml"
+        "../../envs/slidechat.yaml"
     threads: 1
     resources:
         mem_mb=500,
@@ -81,5 +63,5 @@ rule summarize_slides:
         features_dir=features_dir_of,
         bench_dir=BENCH_DIR,
     shell:
-        "python -m preprocessing summary --seg-dir {params.seg_dir} --patch-dir {params.patch_dir} "
-        "--features-dir {params.features_dir} --bench-dir {params.bench_dir} --out {output} > {log} 2>&1"
+        "python -m preprocessing summary --seg-dir {params.seg_dir:q} --patch-dir {params.patch_dir:q} "
+        "--features-dir {params.features_dir:q} --bench-dir {params.bench_dir:q} --out {output:q} > {log:q} 2>&1"

@@ -4,17 +4,18 @@
 
 rule build_instructions_stage:
     input:
-        source=lambda wc: instruction_source(wc.stage),
+        source=lambda wildcards: instruction_source(wildcards.stage),
         stores=all_feature_stores,
-        exclude=lambda wc: list(benchmarks().values())
-        + config["instructions"]["exclude_benchmarks"],
+        exclude=excluded_benchmarks(),
+        slide_map=slide_map_input,
+        leakage_guard=LEAKAGE_GUARD,
     output:
         data=f"{INSTR_DIR}/stage{{stage}}.json",
         manifest=f"{INSTR_DIR}/stage{{stage}}.manifest.json",
     log:
         f"{LOG_DIR}/build_instructions/stage{{stage}}.log",
     conda:
-        "../../envs/training.yaml"
+        "../../envs/slidechat.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -22,14 +23,15 @@ rule build_instructions_stage:
         gpu=0,
     params:
         features_dir=features_dir_of,
-        slide_map=(
-            f"--slide-map {config['instructions']['slide_map']}"
-            if config["instructions"]["slide_map"]
-            else ""
+        exclude=lambda wildcards, input: shell_args(
+            {"exclude_benchmark": list(input.exclude)}
         ),
+        slide_map=slide_map_args,
+        settings=stage_args("instructions", "instructions"),
     shell:
-        "slidechat build-instructions --input {input.source} --features-dir {params.features_dir} "
-        "--out {output.data} --exclude-benchmark {input.exclude} {params.slide_map} > {log} 2>&1"
+        "python -m slidechat build-instructions --input {input.source:q} --features-dir {params.features_dir:q} "
+        "--out {output.data:q} {params.exclude} {params.slide_map} {params.settings} "
+        "> {log:q} 2>&1"
 
 
 rule build_instructions:

@@ -19,7 +19,7 @@ rule segment_tissue_slide:
     benchmark:
         f"{BENCH_DIR}/segment_tissue/{{slide}}.tsv"
     conda:
-        "../../envs/preprocessing.yaml"
+        "../../envs/slidechat.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -27,10 +27,11 @@ rule segment_tissue_slide:
         gpu=0,
     params:
         out=lambda wildcards, output: parent_dir(output.summary),
-        mpp=mpp_arg,
-        seg=segmentation_args(),
+        mpp=mpp_args,
+        seg=stage_args("segmentation", "segmentation"),
     shell:
-        "python -m preprocessing segment --slide {input.slide} --out {params.out} {params.mpp} {params.seg} > {log} 2>&1"
+        "python -m preprocessing segment --slide {input.slide:q} --slide-id {wildcards.slide:q} "
+        "--out {params.out:q} {params.mpp} {params.seg} > {log:q} 2>&1"
 
 
 rule segment_tissue:
@@ -56,7 +57,7 @@ rule tile_slide:
     benchmark:
         f"{BENCH_DIR}/tile/{{slide}}.tsv"
     conda:
-        "../../envs/preprocessing.yaml"
+        "../../envs/slidechat.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -65,11 +66,11 @@ rule tile_slide:
     params:
         out=lambda wildcards, output: parent_dir(output.coords),
         seg_dir=lambda wildcards, input: parent_dir(input.mask),
-        mpp=mpp_arg,
-        tiling=tiling_args(),
+        mpp=mpp_args,
+        tiling=stage_args("tiling", "tiling"),
     shell:
-        "python -m preprocessing tile --slide {input.slide} --out {params.out} --seg-dir {params.seg_dir} "
-        "{params.mpp} {params.tiling} > {log} 2>&1"
+        "python -m preprocessing tile --slide {input.slide:q} --slide-id {wildcards.slide:q} "
+        "--out {params.out:q} --seg-dir {params.seg_dir:q} {params.mpp} {params.tiling} > {log:q} 2>&1"
 
 
 rule tile:

@@ -5,7 +5,7 @@
 rule train_stage1:
     input:
         data=f"{INSTR_DIR}/stage1.json",
-        llm=llm_dir(),
+        llm=llm_dir,
         stores=all_feature_stores,
     output:
         model=directory(f"{MODEL_DIR}/stage1"),
@@ -19,7 +19,7 @@ rule train_stage1:
     benchmark:
         f"{BENCH_DIR}/train_stage1.tsv"
     conda:
-        "../../envs/training.yaml"
+        "../../envs/slidechat.yaml"
     threads: config["train"]["threads"]
     resources:
         mem_mb=16000,
@@ -35,15 +35,16 @@ rule train_stage1:
         launch=mpi_launcher,
         work=f"{CKPT_DIR}/stage1",
     shell:
-        "{params.launch} slidechat train --stage 1 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
-        "--out {output.model} --work-dir {params.work} --curves {output.curves} {params.args} > {log} 2>&1"
+        "{params.launch} python -m slidechat train --stage 1 --data {input.data:q} "
+        "--features-dir {params.features_dir:q} --llm {input.llm:q} --out {output.model:q} "
+        "--work-dir {params.work:q} --curves {output.curves:q} --threads {threads} {params.args} > {log:q} 2>&1"
 
 
 rule train_stage2:
     input:
         data=f"{INSTR_DIR}/stage2.json",
         init=rules.train_stage1.output.model,
-        llm=llm_dir(),
+        llm=llm_dir,
         stores=all_feature_stores,
     output:
         model=directory(f"{MODEL_DIR}/stage2"),
@@ -57,7 +58,7 @@ rule train_stage2:
     benchmark:
         f"{BENCH_DIR}/train_stage2.tsv"
     conda:
-        "../../envs/training.yaml"
+        "../../envs/slidechat.yaml"
     threads: config["train"]["threads"]
     resources:
         mem_mb=32000,
@@ -73,6 +74,6 @@ rule train_stage2:
         launch=mpi_launcher,
         work=f"{CKPT_DIR}/stage2",
     shell:
-        "{params.launch} slidechat train --stage 2 --data {input.data} --features-dir {params.features_dir} --llm {input.llm} "
-        "--init {input.init} --out {output.model} --work-dir {params.work} --curves {output.curves} "
-        "{params.args} > {log} 2>&1"
+        "{params.launch} python -m slidechat train --stage 2 --data {input.data:q} "
+        "--features-dir {params.features_dir:q} --llm {input.llm:q} --init {input.init:q} --out {output.model:q} "
+        "--work-dir {params.work:q} --curves {output.curves:q} --threads {threads} {params.args} > {log:q} 2>&1"
