@@ -76,7 +76,7 @@ class TrainConfig:
     llm: str | None = setting(None, config=False, help="local Hugging Face LLM directory")
     init: str | None = setting(None, config=False, help="stage 2: the stage-1 model directory")
     # The schedule; None = the stage's default (STAGE_DEFAULTS).
-    lr: float | None = setting(None, exclusive_minimum=0, help="peak learning rate; null = 1e-3 (stage 1), 2e-5 (stage 2)")
+    lr: float | None = setting(None, minimum=0, help="peak learning rate; null = 1e-3 (stage 1), 2e-5 (stage 2)")
     epochs: int | None = setting(None, minimum=1, help="passes over the data; null = 3 (stage 1), 1 (stage 2)")
     max_steps: int | None = setting(None, minimum=1, help="cap on optimizer steps (after epochs are laid out)")
     batch_size: int = setting(1, minimum=1, help="records per micro-batch and device")
