@@ -89,13 +89,6 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
         return digest
 
 
-def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module with random weights from `seed` without disturbing the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 # --------------------------------------------------------------------------------------------------
 # The encoder wrapper
 # --------------------------------------------------------------------------------------------------

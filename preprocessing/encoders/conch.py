@@ -25,7 +25,7 @@ from torch import nn
 
 from wsicore.torchfile import load_strict, read_state_dict
 
-from . import seeded
+from .seeding import seeded
 
 # Keys of the full CoCa checkpoint that belong to the text side; the vision tower does not use them.
 NON_VISUAL_PREFIXES = ("text.", "text_decoder.", "logit_scale")

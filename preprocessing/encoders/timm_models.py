@@ -17,7 +17,7 @@ from torch import nn
 
 from wsicore.torchfile import load_strict, read_state_dict
 
-from . import seeded
+from .seeding import seeded
 from .transforms import TransformSpec
 
 
