@@ -289,7 +289,7 @@ def test_options_validate():
 
 def test_patches_at_a_coarser_level_do_not_depend_on_region_grouping(tmp_path):
     """Read level 1 (downsample 3) with patch corners between level pixels: each patch is the nearest-pixel crop."""
-    from preprocessing.extract import RegionTask, SlideHandles, read_task
+    from preprocessing.readers import PatchRing, Reader, RegionTask
 
     slide = write_synthetic_svs(tmp_path / "ds3.svs", Scene.random(3072, 3072, "stroma", seed=5), mpp=0.25,
                                 downsamples=(3, 9), tile=TILE)
@@ -299,20 +299,25 @@ def test_patches_at_a_coarser_level_do_not_depend_on_region_grouping(tmp_path):
     assert level == 1 and rs == 239 and ds == (3.0, 3.0)
     assert np.any(xy % 3), "some corners must fall between level-1 pixels for this test to mean anything"
 
-    def read(rows: np.ndarray, region_px: int) -> np.ndarray:
-        out = np.empty((len(xy), 224, 224, 3), np.uint8)
-        handles = SlideHandles()
+    def read(rows: np.ndarray, region_px: int, tiles: str) -> np.ndarray:
+        ring = PatchRing(1, len(xy), 224)
+        reader = Reader()
         for group in plan_regions(xy, rows, ds, rs, region_px):
-            res = read_task(RegionTask(0, str(slide), None, level, rs, 224, ds, group, xy[group]), handles)
-            out[group] = res.patches.numpy()
-        handles.close()
-        return out[rows]
+            places = np.stack([np.zeros_like(group), group], axis=1)
+            res = reader.read(RegionTask(0, str(slide), None, level, rs, 224, ds, group, xy[group],
+                                         (ring.name, ring.shape), places, tiles=tiles))
+            assert res.source == ("tiles" if tiles == "decode" else "openslide") and not res.errors
+        reader.close()
+        out = ring.array[0, rows].copy()
+        ring.close()
+        return out
 
     rows = np.arange(len(xy))
-    one_region = read(rows, 10**6)
-    singles = read(rows, 1)
-    np.testing.assert_array_equal(one_region, singles)
-    np.testing.assert_array_equal(read(rows[1::2], 700), one_region[1::2])  # a resume regroups the rest
+    one_region = read(rows, 10**6, "decode")
+    for tiles in ("decode", "off"):  # the slide's own tiles, and OpenSlide
+        np.testing.assert_array_equal(read(rows, 1, tiles), one_region)
+        np.testing.assert_array_equal(read(rows[1::2], 700, tiles), one_region[1::2])  # a resume regroups the rest
+    np.testing.assert_array_equal(read(rows, 10**6, "off"), one_region)
     with WholeSlide(slide) as ws:  # the nearest-pixel crop of the level image
         level_img = ws.read_region((0, 0), 1, ws.level_dimensions[1])
     for r in rows:

@@ -1,0 +1,32 @@
+"""JPEG tiles decoded and cut into patches on the model's device: nvJPEG on CUDA, libjpeg-turbo on CPU.
+
+The readers only read compressed tile bytes (`readers.TileCrops`); here a region's tiles are decoded in one
+`torchvision.io.decode_jpeg` call, laid out as the region's tile grid, and every patch is cut from it with
+one gather and shrunk by `area_resize` (OpenCV's INTER_AREA). On CPU this gives exactly the reader path's
+pixels (same libjpeg-turbo decode; exact 2x, 3x, ... area averaging); nvJPEG's IDCT and chroma upsampling
+are not libjpeg-turbo's, so on CUDA pixels can differ by a few grey levels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from preprocessing.encoders.transforms import area_resize
+from preprocessing.readers import TileCrops
+
+
+def decode_crops(crops: TileCrops, patch_size: int, device: torch.device) -> torch.Tensor:
+    """The patches of one region as uint8 `[k, patch_size, patch_size, 3]` on `device`."""
+    data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in crops.streams]
+    tiles = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    rows, cols = crops.grid
+    th, tw = crops.tile_hw
+    grid = torch.stack(tiles).view(rows, cols, 3, th, tw).permute(2, 0, 3, 1, 4).reshape(3, rows * th, cols * tw)
+    rs = crops.read_size
+    offsets = torch.as_tensor(crops.offsets, device=grid.device)
+    span = torch.arange(rs, device=grid.device)
+    ys = offsets[:, 1, None] + span  # (k, rs)
+    xs = offsets[:, 0, None] + span
+    patches = grid[:, ys[:, :, None], xs[:, None, :]].transpose(0, 1)  # (k, 3, rs, rs)
+    return area_resize(patches.contiguous(), patch_size).permute(0, 2, 3, 1)
