@@ -430,7 +430,7 @@ def test_readers_do_not_import_torch(synth):
 
 
 # --------------------------------------------------------------------------------------------------
-# Presets: pixels as CLAM and TRIDENT read them (reference data from their own code, tests/data/README.md)
+# Presets: pixels as CLAM and TRIDENT read them (reference data from their own code, tests/data/peer_extraction/README.md)
 # --------------------------------------------------------------------------------------------------
 PEER_DATA = REPO / "tests" / "data" / "peer_extraction"
 
