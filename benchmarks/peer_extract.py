@@ -100,8 +100,6 @@ def patch_timm_weights(weights: Path) -> None:
 
 
 def run_clam(args, record: list) -> tuple[np.ndarray, np.ndarray, float, float]:
-    import torch
-
     sys.path.insert(0, str(args.repo))
     os.chdir(args.repo)
     patch_timm_weights(args.weights)

@@ -16,13 +16,23 @@ from preprocessing.encoders.transforms import area_resize
 from preprocessing.readers import TileCrops
 
 
+_canvas: dict[torch.device, torch.Tensor] = {}  # reused: a fresh region-sized buffer costs page faults on CPU
+
+
 def decode_crops(crops: TileCrops, patch_size: int, device: torch.device) -> torch.Tensor:
     """The patches of one region as uint8 `[k, patch_size, patch_size, 3]` on `device`."""
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in crops.streams]
     tiles = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     rows, cols = crops.grid
     th, tw = crops.tile_hw
-    grid = torch.stack(tiles).view(rows, cols, 3, th, tw).permute(2, 0, 3, 1, 4).reshape(3, rows * th, cols * tw)
+    device = tiles[0].device
+    canvas = _canvas.get(device)
+    if canvas is None or canvas.numel() < 3 * rows * th * cols * tw:
+        canvas = _canvas[device] = torch.empty(3 * rows * th * cols * tw, dtype=torch.uint8, device=device)
+    grid = canvas[: 3 * rows * th * cols * tw].view(3, rows * th, cols * tw)
+    for i, tile in enumerate(tiles):  # the region's tile grid, row-major
+        r, c = divmod(i, cols)
+        grid[:, r * th : (r + 1) * th, c * tw : (c + 1) * tw] = tile
     rs = crops.read_size
     offsets = torch.as_tensor(crops.offsets, device=grid.device)
     span = torch.arange(rs, device=grid.device)

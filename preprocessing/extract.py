@@ -241,7 +241,6 @@ class BatchRing:
         self.slots = [Slot(i, batch) for i in range(slots)]
         self.free: deque[Slot] = deque(self.slots)
         self.filling: Slot | None = None
-        self.pinned = self._registered or device.type != "cuda"
 
     @property
     def handle(self) -> tuple[str, tuple[int, ...]] | None:

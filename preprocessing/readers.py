@@ -257,22 +257,23 @@ class Reader:
             res.crops = TileCrops(streams, (r1 - r0, c1 - c0), (tl.tile_h, tl.tile_w), offsets, rs)
             res.pixels, res.source = None, "tile-bytes"
             return True
+        scratch = self._buffer("_scratch", rs * rs * 3, np.uint8).reshape(rs, rs, 3)
         try:
-            tiles = {(c, r): self._tile(task.slide, slide, tl, c, r) for r in range(r0, r1) for c in range(c0, c1)}
+            for i, target in enumerate(targets):
+                x, y = int(gx[i]), int(gy[i])
+                patch = target if rs == task.patch_size and task.pixels == "nearest" else scratch
+                pc0, pr0, pc1, pr1 = tl.tile_range(x, y, rs, rs)
+                for r in range(pr0, pr1):  # copy the part of each tile the patch overlaps (decoded once per region)
+                    for c in range(pc0, pc1):
+                        tile = self._tile(task.slide, slide, tl, c, r)
+                        tx0, ty0 = c * tl.tile_w, r * tl.tile_h
+                        ax0, ay0 = max(x, tx0), max(y, ty0)
+                        ax1, ay1 = min(x + rs, tx0 + tl.tile_w), min(y + rs, ty0 + tl.tile_h)
+                        patch[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
+                if patch is scratch:
+                    _fit_into(scratch, target, task.pixels)
         except (OSError, RuntimeError, ValueError):  # damaged tile: OpenSlide re-reads and isolates the patches
             return False
-        scratch = self._buffer("_scratch", rs * rs * 3, np.uint8).reshape(rs, rs, 3)
-        for i, target in enumerate(targets):
-            x, y = int(gx[i]), int(gy[i])
-            patch = target if rs == task.patch_size and task.pixels == "nearest" else scratch
-            for (c, r), tile in tiles.items():  # copy the part of each overlapping tile
-                tx0, ty0 = c * tl.tile_w, r * tl.tile_h
-                ax0, ay0 = max(x, tx0), max(y, ty0)
-                ax1, ay1 = min(x + rs, tx0 + tl.tile_w), min(y + rs, ty0 + tl.tile_h)
-                if ax0 < ax1 and ay0 < ay1:
-                    patch[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
-            if patch is scratch:
-                _fit_into(scratch, target, task.pixels)
         res.source = "tiles"
         return True
 

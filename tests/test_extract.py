@@ -330,13 +330,14 @@ def test_patches_at_a_coarser_level_do_not_depend_on_region_grouping(tmp_path):
 # Pixel sources: the slide's own tiles, OpenSlide, the device decoder
 # --------------------------------------------------------------------------------------------------
 def _read_patches(slide: Path, coords: np.ndarray, geometry: tuple[int, int, int], ds: tuple[float, float],
-                  pixels: str = "nearest", tiles: str = "decode", mpp: float | None = None) -> tuple[np.ndarray, set]:
+                  pixels: str = "nearest", tiles: str = "decode", mpp: float | None = None,
+                  cached_tiles: int = 96) -> tuple[np.ndarray, set]:
     """All patches as the readers cut them (regions planned as extraction plans them), and the sources used."""
     from preprocessing.readers import PatchRing, Reader, RegionTask
 
     level, rs, ps = geometry
     ring = PatchRing(1, len(coords), ps)
-    reader, sources = Reader(), set()
+    reader, sources = Reader(cached_tiles=cached_tiles), set()
     try:
         for group in plan_regions(coords, np.arange(len(coords)), ds, rs, 2048):
             places = np.stack([np.zeros_like(group), group], axis=1)
@@ -363,7 +364,8 @@ def test_tile_path_gives_openslides_pixels(synth, cmu_small, tcga_jp2k_no_mpp, t
                                            mpp=0.25), 0.25)]  # level 0 of the JPEG 2000 slide
     for slide, coords_h5, mpp in cases:
         xy, geometry, ds = _geometry(coords_h5)
-        tiles, src_tiles = _read_patches(slide, xy, geometry, ds, tiles="decode", mpp=mpp)
+        # a tile cache smaller than a region: decoded tiles are evicted and their memory reused mid-region
+        tiles, src_tiles = _read_patches(slide, xy, geometry, ds, tiles="decode", mpp=mpp, cached_tiles=3)
         ref, src_ref = _read_patches(slide, xy, geometry, ds, tiles="off", mpp=mpp)
         assert src_tiles == {"tiles"} and src_ref == {"openslide"}
         np.testing.assert_array_equal(tiles, ref)
