@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract.py --clam /tmp/CLAM --trident /tmp/TRIDENT     # CPU: side by side
     python benchmarks/bench_extract.py --reading-only                               # CPU ms per patch of each reader
+    python benchmarks/bench_extract.py --tuning --size 8192                         # our CPU settings, measured
     python benchmarks/bench_extract.py --gpu                                        # CONCH ViT-B/16 on CUDA
 
 Side by side (`peer_extract.py`, each run a fresh process): the same slides and coords, the same random
@@ -11,6 +12,9 @@ may be shared: compare the ratios, not the absolute times. Patches/s are medians
 CPU time per patch of all processes of the step. A peer whose checkout is not given is skipped with a
 message. Feature agreement: max |difference| and minimum cosine against CLAM / TRIDENT, for our default and
 for `--preset clam` / `--preset trident`, which read and resize as those tools do.
+
+`--tuning`: ours end to end with 0 or 1 reader process and channels_last or contiguous, the measurement
+behind the CPU defaults.
 
 `--reading-only`: CPU ms per patch to read and cut the synthetic slide's patches (no model) through OpenSlide,
 the slide's own tiles decoded in a reader (libjpeg-turbo), and decoded by torchvision on this machine's
@@ -63,11 +67,12 @@ def synthetic_slide(path: Path, size: int) -> Path:
 # Side by side
 # --------------------------------------------------------------------------------------------------
 def run_tool(tool: str, repo: Path | None, slide: Path, coords: Path, weights: Path, out: Path, null: bool,
-             preset: str | None = None, workers: int | None = None) -> dict:
+             preset: str | None = None, workers: int | None = None, memory_format: str = "auto") -> dict:
     cmd = [sys.executable, str(REPO / "benchmarks" / "peer_extract.py"), tool, "--slide", str(slide), "--coords",
            str(coords), "--weights", str(weights), "--out", str(out), "--batch", "64"]
     cmd += (["--repo", str(repo)] if repo else []) + (["--null"] if null else [])
     cmd += (["--preset", preset] if preset else []) + (["--workers", str(workers)] if workers is not None else [])
+    cmd += ["--memory-format", memory_format] if tool == "ours" else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
@@ -118,6 +123,28 @@ def side_by_side(name: str, slide: Path, coords: Path, weights: Path, peers: dic
     if lines:
         print("### feature agreement with the tools (fp32)\n| tool | ours (default) | ours (preset) |\n| --- | --- | --- |")
         print("\n".join(lines), flush=True)
+
+
+def tuning(slide: Path, coords: Path, weights: Path, work: Path, rounds: int, results: dict) -> None:
+    """Our settings for a CPU device, by measurement: readers and memory format, end to end (ResNet-50 trunc)."""
+    n = len(load_coords(coords)[0])
+    configs = {"0 readers, channels_last (default)": (0, "channels_last"), "1 reader, channels_last": (1, "channels_last"),
+               "0 readers, contiguous": (0, "contiguous")}
+    print(f"\n## tuning on this CPU: {slide.name}, {n} patches, ResNet-50 trunc, {rounds} rounds", flush=True)
+    runs: dict[str, list[float]] = {k: [] for k in configs}
+    cpu: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(rounds):
+        for label in (list(configs) if r % 2 == 0 else list(configs)[::-1]):
+            workers, fmt = configs[label]
+            x = run_tool("ours", None, slide, coords, weights, work / "tuning.npz", False, None, workers, fmt)
+            runs[label].append(n / x["seconds"])
+            cpu[label].append(1000 * x["cpu_seconds"] / n)
+    base = statistics.median(runs[next(iter(configs))])
+    print("| setting | patches/s | CPU ms/patch | vs default |\n| --- | --- | --- | --- |")
+    for label in configs:
+        rate = statistics.median(runs[label])
+        print(f"| {label} | {rate:.1f} | {statistics.median(cpu[label]):.1f} | {rate / base:.2f} |", flush=True)
+        results.setdefault("tuning", {})[label] = {"patches_per_s": rate, "cpu_ms_per_patch": statistics.median(cpu[label])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,6 +240,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-cmu", action="store_true")
     ap.add_argument("--reading-only", action="store_true")
+    ap.add_argument("--tuning", action="store_true", help="our CPU settings: readers, memory format")
     ap.add_argument("--gpu", action="store_true", help="CONCH ViT-B/16 on CUDA only")
     ap.add_argument("--gpu-copies", type=int, default=24, help="replicas of the synthetic slide for the GPU run")
     ap.add_argument("--gpu-workers", type=int, help="reader processes (default: chosen for the device)")
@@ -233,6 +261,10 @@ def main() -> int:
             gpu_suite(slide, coords, args.work, args.gpu_copies, args.gpu_workers, args.gpu_batch, results)
     elif args.reading_only:
         reading_only(slide, coords, results)
+    elif args.tuning:
+        weights = args.work / "resnet50_trunc_seed0.pt"
+        torch.save(build_encoder("resnet50_trunc", allow_random=True, seed=0).model.net.state_dict(), weights)
+        tuning(slide, coords, weights, args.work, args.rounds, results)
     else:
         weights = args.work / "resnet50_trunc_seed0.pt"
         torch.save(build_encoder("resnet50_trunc", allow_random=True, seed=0).model.net.state_dict(), weights)

@@ -187,7 +187,7 @@ def run_ours(args, record: list) -> tuple[np.ndarray, np.ndarray, float, float]:
     else:
         encoder = build_encoder("resnet50_trunc", checkpoint=args.weights)
     opts = ExtractOptions(encoder=encoder.name, fmt="h5", batch_size=args.batch, preset=args.preset,
-                          num_workers=args.workers, progress_every_s=1e9)
+                          num_workers=args.workers, memory_format=args.memory_format, progress_every_s=1e9)
     with tempfile.TemporaryDirectory() as tmp:
         stats: dict = {}
         t0 = time.perf_counter()
@@ -203,6 +203,7 @@ def main() -> int:
     ap.add_argument("--repo", type=Path, help="the tool's checkout (clam, trident)")
     ap.add_argument("--preset", choices=["clam", "trident"], help="ours: read pixels as that tool does")
     ap.add_argument("--workers", type=int, help="ours: reader processes (default: chosen for the device)")
+    ap.add_argument("--memory-format", default="auto", help="ours: channels_last | contiguous | auto")
     ap.add_argument("--slide", type=Path, required=True)
     ap.add_argument("--coords", type=Path, required=True, help="our coords file (tiling)")
     ap.add_argument("--weights", type=Path, required=True, help="ResNet-50 trunk state dict (torch.save)")
