@@ -30,6 +30,7 @@ other parameters is never extended: that is an error telling the user what diffe
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -309,9 +310,34 @@ class BatchRing:
 # Model stage
 # --------------------------------------------------------------------------------------------------
 def channels_last_pays(model: nn.Module) -> bool:
-    """Convolutions beyond a patch embedding: measured 1.4-1.5x faster in channels_last on CPU (ResNet-50
-    trunc, features equal to 1e-7); a ViT's only convolution is its stride == kernel patch embedding."""
+    """Convolutions beyond a patch embedding: measured 1.6x less CPU in channels_last (ResNet-50 trunc,
+    features equal to 1e-7); a ViT's only convolution is its stride == kernel patch embedding."""
     return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """A copy of `model` with every BatchNorm that directly follows a convolution folded into its weights
+    (inference only; measured 1.35x less CPU for ResNet-50 trunc, features equal to 1e-7), or None when
+    there is nothing to fold or the folded copy does not compute the same features on `example`."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return None
+    folded = copy.deepcopy(model)
+    n = 0
+    for parent in folded.modules():
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):  # conv then its BatchNorm, as registered (timm/torchvision order)
+            conv, bn = parent._modules[a], parent._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                parent._modules[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                parent._modules[b] = nn.Identity()
+                n += 1
+    if n == 0:
+        return None
+    with torch.inference_mode():
+        want, got = model(example), folded(example)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):  # a BatchNorm registered after a conv it does not follow
+        return None
+    return folded
 
 
 class ModelRunner:
@@ -330,7 +356,11 @@ class ModelRunner:
             raise ValueError(f"memory format must be auto or one of {MEMORY_FORMATS}, got {memory_format!r}")
         self.memory_format = memory_format
         self._format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-        encoder.model.to(memory_format=self._format)
+        size = encoder.transform.size
+        example = torch.rand(2, 3, size, size, device=self.device)
+        folded = fold_batchnorm(encoder.model.eval(), example)
+        self.folded_batchnorm = folded is not None
+        self.model = (folded or encoder.model).to(memory_format=self._format)
         self.busy_seconds = 0.0  # time spent inside the model stage (CPU) / GPU event time (CUDA)
         self._events: list[tuple[Any, Any]] = []
         self._input: torch.Tensor | None = None  # reused model input (fresh 40 MB buffers cost page faults on CPU)
@@ -342,7 +372,7 @@ class ModelRunner:
             self._input = torch.empty(shape, device=self.device).contiguous(memory_format=self._format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             x = self.encoder.preprocessor(batch, out=self._input)
-            return self.encoder(x.contiguous(memory_format=self._format))
+            return self.model(x.contiguous(memory_format=self._format))
 
     def launch(self, batch: torch.Tensor) -> tuple[Callable[[], np.ndarray], Any]:
         """Start the model on uint8 `batch`; returns (wait for features (B, D) fp32, event after which the
@@ -598,8 +628,8 @@ def device_settings(opts: ExtractOptions, runner: ModelRunner) -> dict:
         workers = max(1, (os.cpu_count() or 2) - 1) if runner.cuda else 0
     decode = opts.tile_decode if opts.tile_decode != "auto" else ("device" if runner.cuda else "reader")
     return {"device": str(runner.device), "num_workers": workers, "threads": torch.get_num_threads(),
-            "memory_format": runner.memory_format, "tile_decode": decode, "batch_size": opts.batch_size,
-            "precision": runner.precision}
+            "memory_format": runner.memory_format, "folded_batchnorm": runner.folded_batchnorm,
+            "tile_decode": decode, "batch_size": opts.batch_size, "precision": runner.precision}
 
 
 def with_trident_geometry(plan: PatchPlan, job: SlideJob) -> PatchPlan:

@@ -478,15 +478,22 @@ def test_preset_is_part_of_the_store_identity(synth, tmp_path):
 
 
 def test_precision_and_memory_format(synth, tmp_path):
-    """bf16 on CPU is opt-in and recorded in the identity; channels_last changes features only at float precision."""
-    kw = dict(num_workers=0, dtype="float32", encoder="resnet50_trunc", allow_random=True)
-    last = extract_slide(synth["slide"], synth["coords"], tmp_path / "cl", memory_format="channels_last", **kw)
-    flat = extract_slide(synth["slide"], synth["coords"], tmp_path / "c", memory_format="contiguous", **kw)
-    a, b = load_features(last), load_features(flat)
-    assert a.attrs["extraction_settings"]["memory_format"] == "channels_last" and a.attrs["precision"] == "fp32"
-    np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
-    bf16 = extract_slide(synth["slide"], synth["coords"], tmp_path / "cl", precision="bf16", overwrite=True, **kw)
-    c = load_features(bf16)
+    """bf16 on CPU is opt-in and recorded in the identity; channels_last and BatchNorm folding change features
+    only at float precision (the reference: the encoder as built, contiguous, unfolded), and fold a copy."""
+    enc = build_encoder("resnet50_trunc", allow_random=True)
+    xy, (level, rs, ps), ds = _geometry(synth["coords"])
+    patches, _ = _read_patches(synth["slide"], xy, (level, rs, ps), ds)
+    with torch.inference_mode():
+        reference = enc(enc.preprocess(torch.from_numpy(patches))).numpy()
+    kw = dict(num_workers=0, dtype="float32", fmt="h5")
+    a = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "cl", encoder=enc,
+                                     **kw)[0])
+    settings = a.attrs["extraction_settings"]
+    assert settings["memory_format"] == "channels_last" and settings["folded_batchnorm"] and a.attrs["precision"] == "fp32"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.model.modules())  # the caller's encoder is intact
+    np.testing.assert_allclose(a.features, reference, rtol=1e-4, atol=1e-5)
+    c = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "bf16", encoder=enc,
+                                     precision="bf16", **kw)[0])
     assert c.attrs["precision"] == "bf16"
-    rel = np.linalg.norm(c.features - a.features) / np.linalg.norm(a.features)
+    rel = np.linalg.norm(c.features - reference) / np.linalg.norm(reference)
     assert 0 < rel < 0.05
