@@ -17,8 +17,8 @@ for `--preset clam` / `--preset trident`, which read and resize as those tools d
 behind the CPU defaults.
 
 `--reading-only`: CPU ms per patch to read and cut the synthetic slide's patches (no model) through OpenSlide,
-the slide's own tiles decoded in a reader (libjpeg-turbo), and decoded by torchvision on this machine's
-device (`device_tiles`), with their pixel agreement.
+the slide's own tiles decoded in a reader (libjpeg-turbo), and decoded by torchvision on the CPU (the GPU
+path's code, `device_tiles`, on one torch thread), with their pixel agreement.
 
 `--gpu`: CONCH ViT-B/16 (random weights, bf16) over replicas of the synthetic slide with tiles decoded in
 the readers and on the GPU (nvJPEG): patches/s, fraction of wall time the GPU is busy (CUDA events), CPU ms
@@ -161,6 +161,10 @@ def reading_only(slide: Path, coords_h5: Path, results: dict) -> None:
     print(f"\n## reading alone: {slide.name}, {len(xy)} patches, {rs} px -> {ps}, CPU ms per patch", flush=True)
     out: dict[str, np.ndarray] = {}
     timing: dict[str, list[float]] = {"openslide": [], "tiles, reader decode": [], "tiles, torchvision decode": []}
+    # one thread, like a reader process: torch's thread pool spins on small ops and would bill a busy machine
+    # several times the work (a region's tile copies: 1-2 ms on one thread, 70-90 ms CPU on two here)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for r in range(3):
         for label in (list(timing) if r % 2 == 0 else list(timing)[::-1]):
             ring = PatchRing(1, len(xy), ps)
@@ -180,6 +184,7 @@ def reading_only(slide: Path, coords_h5: Path, results: dict) -> None:
             out[label] = ring.array[0].copy()
             reader.close()
             ring.close()
+    torch.set_num_threads(threads)
     ref = out["openslide"].astype(int)
     print("| source | CPU ms/patch | pixels vs OpenSlide |\n| --- | --- | --- |")
     for label, ms in timing.items():

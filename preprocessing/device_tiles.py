@@ -1,8 +1,8 @@
 """JPEG tiles decoded and cut into patches on the model's device: nvJPEG on CUDA, libjpeg-turbo on CPU.
 
 The readers only read compressed tile bytes (`readers.TileCrops`); here a region's tiles are decoded in one
-`torchvision.io.decode_jpeg` call, laid out as the region's tile grid, and every patch is cut from it with
-one gather and shrunk by `area_resize` (OpenCV's INTER_AREA). On CPU this gives exactly the reader path's
+`torchvision.io.decode_jpeg` call, laid out as the region's tile grid (a reused buffer), the patches are
+cut from it and shrunk by `area_resize` (OpenCV's INTER_AREA). On CPU this gives exactly the reader path's
 pixels (same libjpeg-turbo decode; exact 2x, 3x, ... area averaging); nvJPEG's IDCT and chroma upsampling
 are not libjpeg-turbo's, so on CUDA pixels can differ by a few grey levels.
 """
@@ -34,9 +34,5 @@ def decode_crops(crops: TileCrops, patch_size: int, device: torch.device) -> tor
         r, c = divmod(i, cols)
         grid[:, r * th : (r + 1) * th, c * tw : (c + 1) * tw] = tile
     rs = crops.read_size
-    offsets = torch.as_tensor(crops.offsets, device=grid.device)
-    span = torch.arange(rs, device=grid.device)
-    ys = offsets[:, 1, None] + span  # (k, rs)
-    xs = offsets[:, 0, None] + span
-    patches = grid[:, ys[:, :, None], xs[:, None, :]].transpose(0, 1)  # (k, 3, rs, rs)
-    return area_resize(patches.contiguous(), patch_size).permute(0, 2, 3, 1)
+    patches = torch.stack([grid[:, y : y + rs, x : x + rs] for x, y in crops.offsets.tolist()])  # (k, 3, rs, rs)
+    return area_resize(patches, patch_size).permute(0, 2, 3, 1)
