@@ -235,7 +235,7 @@ class BatchRing:
             self.tensor = torch.from_numpy(self.host.array)  # no copy: the same shared memory
             if device.type == "cuda":
                 # Page-lock the shared memory itself, so batches go to the GPU by DMA without a staging copy.
-                err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.nbytes, 0)
+                err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.host.shm.size, 0)
                 self._registered = int(err) == 0
         else:
             self.tensor = torch.empty((slots, batch, patch_size, patch_size, 3), dtype=torch.uint8, device=device)

@@ -22,6 +22,7 @@ Pixel rules (`PIXEL_RULES`), i.e. how a patch is read and resized to `patch_size
 from __future__ import annotations
 
 import ctypes
+import mmap
 import multiprocessing as mp
 import os
 import queue
@@ -59,7 +60,8 @@ class PatchRing:
         shape = (slots, batch, patch_size, patch_size, 3)
         self.owner = name is None
         if self.owner:
-            self.shm = SharedMemory(create=True, size=int(np.prod(shape)))
+            # whole pages: the main process may page-lock the segment for DMA to a GPU (cudaHostRegister)
+            self.shm = SharedMemory(create=True, size=-(-int(np.prod(shape)) // mmap.PAGESIZE) * mmap.PAGESIZE)
             PatchRing._created[self.shm.name] = self
         else:
             self.shm = SharedMemory(name=name)
