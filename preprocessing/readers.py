@@ -317,7 +317,7 @@ class Reader:
         """
         res.source = "openslide"
         if task.pixels != "nearest" and task.level != 0:
-            self._as_the_tool_reads(task, targets, res, range(len(targets)))
+            self._as_the_tool_reads(task, targets, res)
             return
         dx, dy = task.downsample_xy
         rs, p = task.read_size, task.patch_size
@@ -339,12 +339,12 @@ class Reader:
                 for i, target in enumerate(targets):
                     target[:] = resize(region[oy[i] : oy[i] + rs, ox[i] : ox[i] + rs], (p, p))
             else:
-                self._as_the_tool_reads(task, targets, res, range(len(targets)))
+                self._as_the_tool_reads(task, targets, res)
             return
         except (SlideError, openslide.OpenSlideError):
             self.reset(task.slide)
         if task.pixels != "nearest":
-            self._as_the_tool_reads(task, targets, res, range(len(targets)))
+            self._as_the_tool_reads(task, targets, res)
             return
         for i, target in enumerate(targets):  # re-read patch by patch on a fresh handle, isolating failures
             try:
@@ -356,11 +356,10 @@ class Reader:
                 target[:] = 0
                 res.errors[i] = str(exc)
 
-    def _as_the_tool_reads(self, task: RegionTask, targets: list[np.ndarray], res: RegionResult,
-                           positions: range) -> None:
+    def _as_the_tool_reads(self, task: RegionTask, targets: list[np.ndarray], res: RegionResult) -> None:
         """CLAM / TRIDENT: OpenSlide `read_region(xy, level, (rs, rs)).convert("RGB")` per patch, PIL resize."""
         rs = task.read_size
-        for i in positions:
+        for i in range(len(targets)):
             xy = (int(task.xy[i, 0]), int(task.xy[i, 1]))
             try:
                 opened = self.slide(task.slide, task.mpp)
