@@ -207,9 +207,10 @@ def test_corrupt_tile_marks_only_its_patches_invalid(synth, tiny, tmp_path):
     assert 2 <= hit.sum() < len(xy)
     clean = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "clean", num_workers=0,
                                         dtype="float32"))
-    for workers in (0, 1):
-        out = extract_slide(synth["bad"], synth["coords"], tmp_path / f"bad{workers}", num_workers=workers,
-                            dtype="float32", chunk_rows=3)
+    # tiles decoded by a reader process, by the main process, on the device (torchvision here), or OpenSlide only
+    for workers, decode in ((1, "reader"), (0, "reader"), (0, "device"), (0, "off")):
+        out = extract_slide(synth["bad"], synth["coords"], tmp_path / f"bad{workers}{decode}", num_workers=workers,
+                            dtype="float32", chunk_rows=3, tile_decode=decode)
         import zarr
 
         g = zarr.open_group(str(out), mode="r")
@@ -289,7 +290,7 @@ def test_options_validate():
 
 def test_patches_at_a_coarser_level_do_not_depend_on_region_grouping(tmp_path):
     """Read level 1 (downsample 3) with patch corners between level pixels: each patch is the nearest-pixel crop."""
-    from preprocessing.extract import RegionTask, SlideHandles, read_task
+    from preprocessing.readers import PatchRing, Reader, RegionTask
 
     slide = write_synthetic_svs(tmp_path / "ds3.svs", Scene.random(3072, 3072, "stroma", seed=5), mpp=0.25,
                                 downsamples=(3, 9), tile=TILE)
@@ -299,22 +300,200 @@ def test_patches_at_a_coarser_level_do_not_depend_on_region_grouping(tmp_path):
     assert level == 1 and rs == 239 and ds == (3.0, 3.0)
     assert np.any(xy % 3), "some corners must fall between level-1 pixels for this test to mean anything"
 
-    def read(rows: np.ndarray, region_px: int) -> np.ndarray:
-        out = np.empty((len(xy), 224, 224, 3), np.uint8)
-        handles = SlideHandles()
+    def read(rows: np.ndarray, region_px: int, tiles: str) -> np.ndarray:
+        ring = PatchRing(1, len(xy), 224)
+        reader = Reader()
         for group in plan_regions(xy, rows, ds, rs, region_px):
-            res = read_task(RegionTask(0, str(slide), None, level, rs, 224, ds, group, xy[group]), handles)
-            out[group] = res.patches.numpy()
-        handles.close()
-        return out[rows]
+            places = np.stack([np.zeros_like(group), group], axis=1)
+            res = reader.read(RegionTask(0, str(slide), None, level, rs, 224, ds, group, xy[group],
+                                         (ring.name, ring.shape), places, tiles=tiles))
+            assert res.source == ("tiles" if tiles == "decode" else "openslide") and not res.errors
+        reader.close()
+        out = ring.array[0, rows].copy()
+        ring.close()
+        return out
 
     rows = np.arange(len(xy))
-    one_region = read(rows, 10**6)
-    singles = read(rows, 1)
-    np.testing.assert_array_equal(one_region, singles)
-    np.testing.assert_array_equal(read(rows[1::2], 700), one_region[1::2])  # a resume regroups the rest
+    one_region = read(rows, 10**6, "decode")
+    for tiles in ("decode", "off"):  # the slide's own tiles, and OpenSlide
+        np.testing.assert_array_equal(read(rows, 1, tiles), one_region)
+        np.testing.assert_array_equal(read(rows[1::2], 700, tiles), one_region[1::2])  # a resume regroups the rest
+    np.testing.assert_array_equal(read(rows, 10**6, "off"), one_region)
     with WholeSlide(slide) as ws:  # the nearest-pixel crop of the level image
         level_img = ws.read_region((0, 0), 1, ws.level_dimensions[1])
     for r in rows:
         gx, gy = (int(round(v / 3.0)) for v in xy[r])
         np.testing.assert_array_equal(one_region[r], resize(level_img[gy : gy + rs, gx : gx + rs], (224, 224)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixel sources: the slide's own tiles, OpenSlide, the device decoder
+# --------------------------------------------------------------------------------------------------
+def _read_patches(slide: Path, coords: np.ndarray, geometry: tuple[int, int, int], ds: tuple[float, float],
+                  pixels: str = "nearest", tiles: str = "decode", mpp: float | None = None,
+                  cached_tiles: int = 96) -> tuple[np.ndarray, set]:
+    """All patches as the readers cut them (regions planned as extraction plans them), and the sources used."""
+    from preprocessing.readers import PatchRing, Reader, RegionTask
+
+    level, rs, ps = geometry
+    ring = PatchRing(1, len(coords), ps)
+    reader, sources = Reader(cached_tiles=cached_tiles), set()
+    try:
+        for group in plan_regions(coords, np.arange(len(coords)), ds, rs, 2048):
+            places = np.stack([np.zeros_like(group), group], axis=1)
+            res = reader.read(RegionTask(0, str(slide), mpp, level, rs, ps, ds, group, coords[group],
+                                         (ring.name, ring.shape), places, pixels, tiles))
+            assert not res.errors and res.fatal is None
+            sources.add(res.source)
+        return ring.array[0].copy(), sources
+    finally:
+        reader.close()
+        ring.close()
+
+
+def _geometry(coords_h5: Path) -> tuple[np.ndarray, tuple[int, int, int], tuple[float, float]]:
+    xy, a = load_coords(coords_h5)
+    return xy, (int(a["read_level"]), int(a["read_size"]), int(a["patch_size"])), tuple(float(v) for v in a["read_downsample_xy"])
+
+
+def test_tile_path_gives_openslides_pixels(synth, cmu_small, tcga_jp2k_no_mpp, tmp_path):
+    """Aperio JPEG (YCbCr, and RGB with JPEG tables) and RGB JPEG 2000 tiles decode to OpenSlide's pixels."""
+    cases = [(synth["slide"], synth["coords"], None),
+             (cmu_small, tile_slide(cmu_small, tmp_path, min_tissue_fraction=0.25), None),
+             (tcga_jp2k_no_mpp, tile_slide(tcga_jp2k_no_mpp, tmp_path, target_mpp=0.25, min_tissue_fraction=0.5,
+                                           mpp=0.25), 0.25)]  # level 0 of the JPEG 2000 slide
+    for slide, coords_h5, mpp in cases:
+        xy, geometry, ds = _geometry(coords_h5)
+        # a tile cache smaller than a region: decoded tiles are evicted and their memory reused mid-region
+        tiles, src_tiles = _read_patches(slide, xy, geometry, ds, tiles="decode", mpp=mpp, cached_tiles=3)
+        ref, src_ref = _read_patches(slide, xy, geometry, ds, tiles="off", mpp=mpp)
+        assert src_tiles == {"tiles"} and src_ref == {"openslide"}
+        np.testing.assert_array_equal(tiles, ref)
+
+
+def test_device_decode_equals_reader_decode(synth, cmu_small, tmp_path):
+    """torchvision's libjpeg-turbo decode + on-device cut and area resize give the readers' pixels exactly."""
+    from preprocessing.device_tiles import decode_crops
+    from preprocessing.readers import Reader, RegionTask
+
+    for slide, coords_h5 in ((synth["slide"], synth["coords"]), (cmu_small, tile_slide(cmu_small, tmp_path))):
+        xy, (level, rs, ps), ds = _geometry(coords_h5)
+        ref, _ = _read_patches(slide, xy, (level, rs, ps), ds)
+        reader = Reader()
+        for group in plan_regions(xy, np.arange(len(xy)), ds, rs, 2048):
+            res = reader.read(RegionTask(0, str(slide), None, level, rs, ps, ds, group, xy[group], None,
+                                         np.zeros((len(group), 2), np.int64), tiles="bytes"))
+            assert res.source == "tile-bytes" and res.crops is not None
+            np.testing.assert_array_equal(decode_crops(res.crops, ps, torch.device("cpu")).numpy(), ref[group])
+        reader.close()
+    # and through extraction: same features, the patches having come as compressed tiles
+    stats: dict = {}
+    dev = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "dev", num_workers=0,
+                                       tile_decode="device", dtype="float32", stats=stats)[0])
+    assert stats["sources"] == {"tile-bytes": len(dev.coords)} and stats["settings"]["tile_decode"] == "device"
+    ref = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "ref", num_workers=0, dtype="float32"))
+    np.testing.assert_array_equal(dev.features, ref.features)
+
+
+def test_area_resize_is_opencvs_inter_area():
+    import cv2
+
+    from preprocessing.encoders.transforms import area_resize
+
+    rng = np.random.default_rng(0)
+    for n, exact in ((448, True), (672, True), (896, True), (443, False), (478, False)):
+        a = rng.integers(0, 256, (2, n, n, 3), dtype=np.uint8)
+        ref = np.stack([cv2.resize(im, (224, 224), interpolation=cv2.INTER_AREA) for im in a]).astype(int)
+        got = area_resize(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous(), 224).permute(0, 2, 3, 1).numpy()
+        diff = np.abs(got - ref)
+        if exact:
+            assert diff.max() == 0, n
+        else:  # OpenCV sums fractional cells in float32: a value within its rounding of .5 may differ by one
+            assert diff.max() <= 1 and (diff == 0).mean() > 0.9999, n
+
+
+def test_readers_do_not_import_torch(synth):
+    code = "import sys, preprocessing.readers; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}).returncode == 0
+    from preprocessing.readers import PatchRing, ReaderPool, RegionTask
+
+    xy, (level, rs, ps), ds = _geometry(synth["coords"])
+    ring = PatchRing(1, len(xy), ps)
+    try:
+        with ReaderPool(1) as pool:
+            pool.submit(RegionTask(0, str(synth["slide"]), None, level, rs, ps, ds, np.arange(2), xy[:2],
+                                   (ring.name, ring.shape), np.array([[0, 0], [0, 1]])))
+            res = pool.get()
+            maps = Path(f"/proc/{res.pid}/maps").read_text()
+        assert res.pid != os.getpid() and not res.errors and ring.array[0, :2].any()
+        assert "libtorch" not in maps and "libopenslide" in maps
+    finally:
+        ring.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets: pixels as CLAM and TRIDENT read them (reference data from their own code, tests/data/peer_extraction/README.md)
+# --------------------------------------------------------------------------------------------------
+PEER_DATA = REPO / "tests" / "data" / "peer_extraction"
+
+
+@pytest.fixture(scope="module")
+def resnet_trunc():
+    return build_encoder("resnet50_trunc", allow_random=True, seed=0)
+
+
+@pytest.mark.parametrize("tool", ["clam", "trident"])
+@pytest.mark.parametrize("name", ["cmu", "tcga", "synthetic40x"])
+def test_presets_read_and_resize_as_the_tools_do(name, tool, synth, resnet_trunc, request):
+    import hashlib
+
+    slide = {"cmu": lambda: request.getfixturevalue("cmu_small"),
+             "tcga": lambda: request.getfixturevalue("tcga_jp2k_no_mpp"),
+             "synthetic40x": lambda: synth["slide"]}[name]()
+    ref = np.load(PEER_DATA / f"{name}-{tool}.npz")
+    level, rs, ps = (int(v) for v in ref["geometry"])
+    mpp = None if np.isnan(ref["mpp"]) else float(ref["mpp"])
+    ds = tuple(float(v) for v in ref["downsample_xy"])
+    coords = ref["coords"]
+    patches, _ = _read_patches(slide, coords, (level, rs, ps), ds, pixels=tool, mpp=mpp)
+    digests = np.stack([np.frombuffer(hashlib.sha256(p.tobytes()).digest(), np.uint8) for p in patches])
+    np.testing.assert_array_equal(digests, ref["pixel_sha256"])  # every patch, bit for bit
+    rows = ref["feature_rows"]
+    with torch.inference_mode():
+        feats = resnet_trunc(resnet_trunc.preprocess(torch.from_numpy(patches[rows]))).numpy()
+    np.testing.assert_allclose(feats, ref["features"], rtol=1e-5, atol=1e-5)
+    default, _ = _read_patches(slide, coords, (level, rs, ps), ds, mpp=mpp)
+    # our default differs only where the tools interpolate (level 1 of the TCGA slide) or resize (40x -> 448 px)
+    assert np.array_equal(default, patches) == (name == "cmu")
+
+
+def test_preset_is_part_of_the_store_identity(synth, tmp_path):
+    out = extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0, preset="trident")
+    attrs = load_features(out).attrs
+    assert attrs["preset"] == "trident" and attrs["extraction_settings"]["tile_decode"] == "reader"
+    with pytest.raises(StoreError, match="preset"):
+        extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0)
+    assert main(["--slide", str(synth["slide"]), "--coords", str(synth["coords"]), "--out", str(tmp_path),
+                 "--preset", "trident"]) == 0  # same identity: up to date
+
+
+def test_precision_and_memory_format(synth, tmp_path):
+    """bf16 on CPU is opt-in and recorded in the identity; channels_last and BatchNorm folding change features
+    only at float precision (the reference: the encoder as built, contiguous, unfolded), and fold a copy."""
+    enc = build_encoder("resnet50_trunc", allow_random=True)
+    xy, (level, rs, ps), ds = _geometry(synth["coords"])
+    patches, _ = _read_patches(synth["slide"], xy, (level, rs, ps), ds)
+    with torch.inference_mode():
+        reference = enc(enc.preprocess(torch.from_numpy(patches))).numpy()
+    kw = dict(num_workers=0, dtype="float32", fmt="h5")
+    a = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "cl", encoder=enc,
+                                     **kw)[0])
+    settings = a.attrs["extraction_settings"]
+    assert settings["memory_format"] == "channels_last" and settings["folded_batchnorm"] and a.attrs["precision"] == "fp32"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.model.modules())  # the caller's encoder is intact
+    np.testing.assert_allclose(a.features, reference, rtol=1e-4, atol=1e-5)
+    c = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "bf16", encoder=enc,
+                                     precision="bf16", **kw)[0])
+    assert c.attrs["precision"] == "bf16"
+    rel = np.linalg.norm(c.features - reference) / np.linalg.norm(reference)
+    assert 0 < rel < 0.05

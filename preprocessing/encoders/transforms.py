@@ -12,6 +12,7 @@ already has the model's input size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -88,11 +89,19 @@ class Preprocess(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(spec.std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer("shift", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised float `[B, 3, S, S]`; when no resizing is needed it is written into `out` if given
+        (any memory format, e.g. channels_last: reused batch buffers, one pass over the pixels)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        images = images.to(self.scale.device, non_blocking=True)
+        h, w = images.shape[1:3]
+        if min(h, w) == self.spec.resize and (h, w) == (self.spec.size, self.spec.size):
+            # (x - mean*255) / (std*255) straight from uint8 NHWC: the same float32 operations as below.
+            x = torch.sub(images.permute(0, 3, 1, 2), self.shift, out=out)
+            return x.mul_(self.scale)
         # Contiguous NCHW first: broadcasting over a channels-last view is several times slower on CPU.
-        x = images.to(self.scale.device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+        x = images.permute(0, 3, 1, 2).contiguous().float()
         x = resize_shorter_center_crop(x, self.spec.resize, self.spec.size, self.spec.interpolation)
         return x.sub_(self.shift).mul_(self.scale)
 
@@ -114,3 +123,47 @@ def resize_shorter_center_crop(x: torch.Tensor, resize: int, size: int, mode: st
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         x = x[..., top : top + size, left : left + size]
     return x
+
+
+def area_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 `[B, C, H, W]` -> `[B, C, size, size]` by area averaging, as OpenCV's INTER_AREA shrinks.
+
+    Integer factors are exact: 2x uses OpenCV's `(sum + 2) >> 2`, larger factors its float sum times
+    1/k² rounded half to even. Other factors use OpenCV's fractional cell weights as two matrix products
+    (float64); OpenCV sums in float32, so a value lying within float32 rounding of .5 can differ by one.
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    if h % size == 0 and w % size == 0 and h // size == w // size:
+        k = h // size
+        s = torch.zeros((*x.shape[:-2], size, size), dtype=torch.int32, device=x.device)
+        for dy in range(k):  # k² strided adds: fast on CPU and GPU alike (a strided sum() is not on CPU)
+            for dx in range(k):
+                s += x[..., dy::k, dx::k]
+        if k == 2:
+            return ((s + 2) >> 2).to(torch.uint8)
+        return (s.float() * (1.0 / (k * k))).round_().clamp_(0, 255).to(torch.uint8)
+    wy = _area_weights(h, size, x.device)
+    wx = _area_weights(w, size, x.device)
+    out = wy @ x.double() @ wx.T
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """OpenCV's INTER_AREA weights (computeResizeAreaTab) as an `[n_out, n_in]` float64 matrix."""
+    scale = n_in / n_out
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for d in range(n_out):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, n_in - f1)
+        s1, s2 = math.ceil(f1), math.floor(f2)
+        s2 = min(s2, n_in - 1)
+        s1 = min(s1, s2)
+        if s1 - f1 > 1e-3:
+            weights[d, s1 - 1] = (s1 - f1) / cell
+        weights[d, s1:s2] = 1.0 / cell
+        if f2 - s2 > 1e-3:
+            weights[d, s2] = min(min(f2 - s2, 1.0), cell) / cell
+    return weights.to(device)

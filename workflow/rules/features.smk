@@ -18,7 +18,7 @@ rule extract_features_slide:
         f"{BENCH_DIR}/extract_features/{{slide}}.tsv"
     conda:
         "../../envs/slidechat.yaml"
-    threads: max(1, config["features"]["num_workers"])
+    threads: max(1, config["features"]["num_workers"] or 1)
     resources:
         mem_mb=8000,
         runtime=120,
