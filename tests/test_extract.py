@@ -359,8 +359,8 @@ def _geometry(coords_h5: Path) -> tuple[np.ndarray, tuple[int, int, int], tuple[
 def test_tile_path_gives_openslides_pixels(synth, cmu_small, tcga_jp2k_no_mpp, tmp_path):
     """Aperio JPEG (YCbCr, and RGB with JPEG tables) and RGB JPEG 2000 tiles decode to OpenSlide's pixels."""
     cases = [(synth["slide"], synth["coords"], None),
-             (cmu_small, tile_slide(cmu_small, tmp_path, min_tissue_fraction=0.25), None),
-             (tcga_jp2k_no_mpp, tile_slide(tcga_jp2k_no_mpp, tmp_path, target_mpp=0.25, min_tissue_fraction=0.5,
+             (cmu_small, tile_slide(cmu_small, tmp_path, min_tissue_fraction=0.25, use_padding=False), None),
+             (tcga_jp2k_no_mpp, tile_slide(tcga_jp2k_no_mpp, tmp_path, target_mpp=0.25, min_tissue_fraction=0.5, use_padding=False,
                                            mpp=0.25), 0.25)]  # level 0 of the JPEG 2000 slide
     for slide, coords_h5, mpp in cases:
         xy, geometry, ds = _geometry(coords_h5)
@@ -376,7 +376,7 @@ def test_device_decode_equals_reader_decode(synth, cmu_small, tmp_path):
     from preprocessing.device_tiles import decode_crops
     from preprocessing.readers import Reader, RegionTask
 
-    for slide, coords_h5 in ((synth["slide"], synth["coords"]), (cmu_small, tile_slide(cmu_small, tmp_path))):
+    for slide, coords_h5 in ((synth["slide"], synth["coords"]), (cmu_small, tile_slide(cmu_small, tmp_path, use_padding=False))):
         xy, (level, rs, ps), ds = _geometry(coords_h5)
         ref, _ = _read_patches(slide, xy, (level, rs, ps), ds)
         reader = Reader()
@@ -388,8 +388,9 @@ def test_device_decode_equals_reader_decode(synth, cmu_small, tmp_path):
         reader.close()
     # and through extraction: same features, the patches having come as compressed tiles
     stats: dict = {}
-    dev = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "dev", num_workers=0,
-                                       tile_decode="device", dtype="float32", stats=stats)[0])
+    opts = ExtractOptions(encoder="conch_tiny", num_workers=0, tile_decode="device", dtype="float32")
+    dev = load_features(extract_slides([SlideJob(synth["slide"], synth["coords"])], tmp_path / "dev", opts,
+                                       stats=stats)[0])
     assert stats["sources"] == {"tile-bytes": len(dev.coords)} and stats["settings"]["tile_decode"] == "device"
     ref = load_features(extract_slide(synth["slide"], synth["coords"], tmp_path / "ref", num_workers=0, dtype="float32"))
     np.testing.assert_array_equal(dev.features, ref.features)
@@ -474,7 +475,7 @@ def test_preset_is_part_of_the_store_identity(synth, tmp_path):
     with pytest.raises(StoreError, match="preset"):
         extract_slide(synth["slide"], synth["coords"], tmp_path, num_workers=0)
     assert main(["--slide", str(synth["slide"]), "--coords", str(synth["coords"]), "--out", str(tmp_path),
-                 "--preset", "trident"]) == 0  # same identity: up to date
+                 "--preset", "trident", "--encoder", "conch_tiny"]) == 0  # same identity: up to date
 
 
 def test_precision_and_memory_format(synth, tmp_path):
