@@ -86,10 +86,12 @@ FORMAT_VERSION = 1
 
 def _require_dir(path: str | Path | None, what: str) -> Path:
     if path is None:
-        raise MissingCheckpointError(f"no LLM directory given: set `llm` (config key / --llm option) to a local {what}")
+        raise MissingCheckpointError(f"no LLM directory given: pass --llm DIR, a local {what}",
+                                     config_hint="set `llm.path`")
     p = Path(path)
     if not p.is_dir():
-        raise MissingCheckpointError(f"LLM directory not found: {p} (set `llm`, the config key / --llm option, to a local {what})")
+        raise MissingCheckpointError(f"LLM directory not found: {p}; pass --llm DIR, a local {what}",
+                                     config_hint="set `llm.path`")
     return p
 
 
@@ -153,22 +155,36 @@ def load_model(path: str | Path, llm: str | Path | None = None, torch_dtype: tor
     forced to "per_patch" (what the released model was trained with).
     """
     path = Path(path)
-    if not path.exists():
-        raise MissingCheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
+    kind = model_layout(path, "checkpoint", None)
+    if kind == "ours":
         return _load_our_dir(path, llm, torch_dtype)
-    if path.is_dir() and (path / "LongNet_encoder").is_dir() and (path / "projector").is_dir():
+    if kind == "xtuner":
         return _load_xtuner_dir(path, llm, torch_dtype, config)
-    if path.is_dir():
-        f = find_deepspeed_model_file(path)
-        if f is None:
-            raise MissingCheckpointError(
-                f"{path} is neither our model directory ({CONFIG_FILE}), an xtuner folder "
-                f"(LongNet_encoder/, projector/) nor a DeepSpeed folder ({DEEPSPEED_MODEL_FILE})"
-            )
-        path = f
+    if kind == "deepspeed":
+        path = find_deepspeed_model_file(path)
     state = read_state_dict(path)
     return model_from_released_state_dict(state, llm, torch_dtype, config, source=str(path))
+
+
+def model_layout(path: str | Path, what: str = "model", flag: str | None = "--model") -> str:
+    """Which model layout `path` holds ("ours", "xtuner", "deepspeed", or "file" for a .pt/.pth/.safetensors);
+    anything else is a MissingCheckpointError naming the path (checked before slow work, reading no weights)."""
+    path = Path(path)
+    where = f" (option {flag})" if flag else ""
+    if not path.exists():
+        raise MissingCheckpointError(f"{what} not found: {path}{where}")
+    if not path.is_dir():
+        return "file"
+    if (path / CONFIG_FILE).is_file():
+        return "ours"
+    if (path / "LongNet_encoder").is_dir() and (path / "projector").is_dir():
+        return "xtuner"
+    if find_deepspeed_model_file(path) is not None:
+        return "deepspeed"
+    raise MissingCheckpointError(
+        f"{path} is neither our model directory ({CONFIG_FILE}), an xtuner folder (LongNet_encoder/, projector/) "
+        f"nor a DeepSpeed folder ({DEEPSPEED_MODEL_FILE}){where}"
+    )
 
 
 def model_from_released_state_dict(state: dict[str, Tensor], llm: str | Path | None,

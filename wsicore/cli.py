@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from wsicore import __version__
-from wsicore.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, UserError
+from wsicore.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, WORKFLOW_ENV, UserError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ def command_parser(prog: str, description: str | None, example: str | None = Non
     return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
+def log_to_stderr() -> None:
+    """Log lines (INFO and up) of a command on stderr: what long work is doing, in the terminal or the job log."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
 def _usage(prog: str, commands: dict[str, Command]) -> str:
     width = max(len(n) for n in commands)
     lines = [f"usage: {prog} [--debug] [--version] <command> [options]", "", "commands:"]
@@ -48,10 +54,14 @@ def _usage(prog: str, commands: dict[str, Command]) -> str:
 
 
 def report_error(prog: str, exc: BaseException, debug: bool = False) -> None:
-    """One line on stderr (`prog: error: ...`), the traceback first when debugging."""
+    """One line on stderr (`prog: error: ...`), the traceback first when debugging; under the workflow a
+    UserError's config hint is added (the config key behind the flag the message names)."""
     if debug:
         traceback.print_exception(exc)
-    message = str(exc).strip() or type(exc).__name__
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    hint = getattr(exc, "config_hint", None)
+    if hint and os.environ.get(WORKFLOW_ENV):
+        message += f" (workflow config: {hint})"
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
 
 
