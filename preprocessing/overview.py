@@ -50,7 +50,7 @@ def legend_strip(width: int, um_per_px: float, items: list[tuple[str, tuple[int,
                  caption: str) -> np.ndarray:
     """A white strip `width` px wide: swatches with labels (`kind` "line" or "box"), then a scale bar and
     the caption."""
-    size = max(11, round(width / 68))
+    size = max(12, round(width / 60))
     font = _font(size)
     row = round(size * 1.7)
     pad = size // 2

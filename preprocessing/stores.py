@@ -40,7 +40,7 @@ import numpy as np
 from preprocessing import __version__
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
-from wsicore.files import atomic_path, jsonable
+from wsicore.files import atomic_path, input_file, jsonable
 
 STORE_FORMAT = "wsi-slidechat-features"
 STORE_FORMAT_VERSION = 2  # 2: the `integrity` attribute (row count and per-block checksums)
@@ -882,5 +882,6 @@ def import_csv_main(argv: list[str]) -> int:
     ap.add_argument("--transform", default="slidechat", help="transform that was used (recorded)")
     ap.add_argument("--dtype", default=None, choices=["float16", "float32"], help="stored feature dtype (default float32)")
     args = ap.parse_args(argv)
+    input_file(args.csv, "SlideChat feature CSV")
     print(import_csv(args.csv, args.out_store, args.encoder, args.transform, args.dtype))
     return 0

@@ -106,7 +106,7 @@ def to_html(rows: list[dict]) -> str:
                         for k in COLUMNS)
         body.append(f"<tr{' class=empty' if r['patches'] == 0 else ''}>{cells}</tr>")
     style = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:14px}"
-             "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}td.num{text-align:right}"
+             "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left;white-space:nowrap}td.num{text-align:right}"
              "th{background:#f3f3f3;position:sticky;top:0}tr.empty{background:#fee}")
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>Slides</title><style>{style}</style></head>"
             f"<body>\n<h2>Slides: tissue, patches and feature extraction</h2>\n<p>{html.escape(totals(rows))}</p>\n"

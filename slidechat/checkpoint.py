@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +96,34 @@ def _require_dir(path: str | Path | None, what: str) -> Path:
     return p
 
 
+def _not_an_llm(path: Path, exc: Exception) -> MissingCheckpointError:
+    return MissingCheckpointError(f"{path}: not a Hugging Face causal LM directory with its tokenizer "
+                                  f"({type(exc).__name__}: {exc}); pass --llm DIR, a local model directory",
+                                  config_hint="set `llm.path`")
+
+
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_an_llm(path, exc) from exc
 
 
 def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # a log file gets no progress bar of the weight loading
+        hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_an_llm(path, exc) from exc
 
 
 def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None,
@@ -266,6 +282,8 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
         raise InputError(f"{path / CONFIG_FILE}: not a SlideChat model config ({type(e).__name__}: {e})") from e
     fmt = meta.get("llm_format", "full")
     if fmt == "full":
+        if llm:
+            log.warning("%s holds its own LLM (%s/); --llm %s is not used", path, LLM_SUBDIR, llm)
         base = path / LLM_SUBDIR
         llm_module = _load_llm(base, torch_dtype)
         tok_dir = base

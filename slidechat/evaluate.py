@@ -98,16 +98,25 @@ def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None, expec
 # ------------------------------------------------------------------------------------------------ model
 
 
+def check_model_paths(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None) -> None:
+    """The model path holds a model and the LLM path an LLM (checked before slow work; nothing is read)."""
+    from slidechat.checkpoint import model_layout
+
+    model_layout(model_dir)
+    if llm is not None and not Path(llm).is_dir():
+        raise InputError(f"LLM directory not found: {llm} (option --llm)")
+    if llm is not None and not (Path(llm) / "config.json").is_file():
+        raise InputError(f"{llm}: not a Hugging Face model directory (no config.json) (option --llm)")
+
+
 def load_model_on(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None, device: str | None = None,
                   dtype: str | None = None):
     """`checkpoint.load_model(model_dir, llm=llm)` in eval mode on `device` (default: cuda when present)."""
     import torch
 
-    from slidechat.checkpoint import load_model, model_layout
+    from slidechat.checkpoint import load_model
 
-    model_layout(model_dir)
-    if llm is not None and not Path(llm).is_dir():
-        raise InputError(f"LLM directory not found: {llm} (option --llm)")
+    check_model_paths(model_dir, llm)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = load_model(str(model_dir), llm=str(llm) if llm else None, torch_dtype=torch_dtype)

@@ -193,14 +193,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     """(model, features tensor) for the parsed arguments."""
-    from slidechat.checkpoint import model_layout
-    from slidechat.evaluate import load_model_on, load_slide_tensor, model_device_dtype
+    from slidechat.evaluate import check_model_paths, load_model_on, load_slide_tensor, model_device_dtype
 
     if not a.model:
         raise UsageError(f"no model given: pass --model DIR (or set ${MODEL_ENV})")
-    model_layout(a.model)  # a path that holds no model fails before the (slow) preprocessing
-    if a.llm and not Path(a.llm).is_dir():
-        raise InputError(f"LLM directory not found: {a.llm} (option --llm)")
+    check_model_paths(a.model, a.llm)  # a path that holds no model fails before the (slow) preprocessing
     if a.features and not Path(a.features).exists():
         raise InputError(f"feature store not found: {a.features} (option --features)")
     fs = _feature_settings(a)

@@ -170,13 +170,16 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[Path, torch.Tensor] = OrderedDict()
 
-    @classmethod
-    def from_json(cls, path: str | os.PathLike, tokenizer: Any, **kw: Any) -> "InstructionDataset":
-        records = read_json(path, "training JSON (from `slidechat build-instructions`)", "--data")
+    @staticmethod
+    def read_records(path: str | os.PathLike) -> list[dict]:
+        """The records of a training JSON; one that is not a non-empty list of records is refused, naming it."""
+        what = "training JSON (from `slidechat build-instructions`)"
+        records = read_json(path, what, "--data")
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise InputError(f"{path}: not a training JSON (a list of records from `slidechat build-instructions`) "
-                             "(option --data)")
-        return cls(records, tokenizer, **kw)
+            raise InputError(f"{path}: not a {what}: expected a list of records (option --data)")
+        if not records:
+            raise InputError(f"{path} holds no training records (option --data)")
+        return records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -647,16 +650,15 @@ def setup(cfg: TrainConfig) -> Run:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    records = InstructionDataset.read_records(cfg.data)  # a bad file fails before the (slow) model load
     model = build_model(cfg)
     set_parameter_dtypes(model, bf16, deepspeed=use_ds)
     if cfg.max_patches is None:
         cfg.max_patches = model.config.max_patches_train
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length,
-                                        feature_dim=model.config.feature_dim)
-    if len(data) == 0:
-        raise InputError(f"{cfg.data} holds no training records (option --data)")
+    data = InstructionDataset(records, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length,
+                              feature_dim=model.config.feature_dim)
     pad = epoch_padding(len(data), cfg.batch_size, world)
     if pad:
         _note(f"{math.ceil(len(data) / cfg.batch_size)} micro-batches per epoch do not split evenly over {world} "
@@ -813,7 +815,7 @@ def run_steps(run: Run, start_step: int) -> bool:
             if step % cfg.log_steps == 0 or step == run.total_steps:
                 log.log({"step": step, "loss": loss_sum / n_micro, "lr": lr, "tokens_per_s": tokens / dt,
                          "patches_per_s": patches / dt, "grad_norm": grad_norm})
-                progress.update(1, loss=loss_sum / n_micro, lr=f"{lr:.3g}", tokens_per_s=tokens / dt)
+                progress.update(1, loss=loss_sum / n_micro, lr=f"{lr:.3g}", **{"tokens/s": tokens / dt})
             else:
                 progress.update(1)
             stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
@@ -1021,13 +1023,17 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(input_file(path, "training YAML", "--config").read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}) (option --config)") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({where}{getattr(exc, 'problem', None) or exc}) "
+                          "(option --config)") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of training options (option --config)")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown training option(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"{path}: unknown training option(s) {unknown}; the options are the flags of "
+                          "`slidechat train --help`, with _ for - (option --config)")
     return data
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from wsicore import __version__
 from wsicore.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, WORKFLOW_ENV, UserError
@@ -34,10 +34,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the error convention: a bad flag is one line on stderr (not the whole usage), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def command_parser(prog: str, description: str | None, example: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose help shows defaults and ends with an example invocation."""
     epilog = f"example:\n  {example}" if example else None
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+    return CommandParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
 def log_to_stderr() -> None:

@@ -217,8 +217,8 @@ def build_encoder(
         spec = get_transform(transform) if transform is not None else default_spec
     else:
         if name not in ENCODERS:
-            raise EncoderCheckpointError(f"unknown encoder {name!r}; choose one of {available_encoders()} or "
-                                         "timm:<name> (option --encoder)", config_hint="features.encoder")
+            raise EncoderCheckpointError(f"unknown encoder {name!r}; choose one of {available_encoders()} "
+                                         "(option --encoder)", config_hint="features.encoder")
         entry = ENCODERS[name]
         if ckpt is None and entry.needs_checkpoint and not allow_random:
             raise EncoderCheckpointError(
