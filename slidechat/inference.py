@@ -268,8 +268,9 @@ def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdo
             history = []
             stdout.write("(conversation reset: the next question starts afresh)\n")
             continue
-        if q.startswith("/"):
-            stdout.write(f"(unknown command {q.split()[0]}; {CHAT_HELP})\n")
+        if q.startswith("/"):  # /help, or a command mistyped
+            known = q.lower() == "/help"
+            stdout.write(f"({'' if known else f'unknown command {q.split()[0]}; '}{CHAT_HELP})\n")
             continue
         turn = _first_turn(q) if not history else q
         with torch.inference_mode():
