@@ -20,6 +20,11 @@ def read_log(csv_path: str | os.PathLike) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
 
 
+def loss_scale(loss: list[float]) -> str:
+    """"log" for a positive loss spanning more than LOG_SCALE_RANGE, else "linear"."""
+    return "log" if min(loss) > 0 and max(loss) / min(loss) > LOG_SCALE_RANGE else "linear"
+
+
 def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> Path:
     """Draw loss and learning rate against step; written atomically. The loss axis is linear unless the loss
     spans more than LOG_SCALE_RANGE (a nearly flat loss on a log axis gets labels like 6.58x10^0)."""
@@ -38,7 +43,7 @@ def plot_training_curves(csv_path: str | os.PathLike, png_path: str | os.PathLik
             k = max(len(loss) // 20, 2)
             smooth = [sum(loss[max(0, i - k + 1): i + 1]) / len(loss[max(0, i - k + 1): i + 1]) for i in range(len(loss))]
             ax_loss.plot(steps, smooth, lw=2, color="tab:orange", label=f"mean of {k}")
-        if min(loss) > 0 and max(loss) / min(loss) > LOG_SCALE_RANGE:
+        if loss_scale(loss) == "log":
             # a loss falling over decades reads best on a log axis, labelled as plain numbers (not 10^k)
             ax_loss.set_yscale("log")
             ax_loss.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
