@@ -13,14 +13,13 @@ packages chromium and chromium-driver and the `test` extra (selenium).
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
-from PIL import Image
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+
+from serve_screenshot import headless_chromium, save_palette_png  # this folder is on sys.path when run
 
 
 def open_path(driver: webdriver.Chrome, steps: list[str]) -> None:
@@ -41,11 +40,7 @@ def main() -> None:
     p.add_argument("--size", default="1400,900", help="window width,height in px")
     p.add_argument("--colors", type=int, default=256, help="palette size of the saved PNG (0: full colour)")
     a = p.parse_args()
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={a.size}", "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    driver = headless_chromium(a.size)
     try:
         driver.get(Path(a.report).resolve().as_uri())
         time.sleep(2.0)
@@ -53,9 +48,8 @@ def main() -> None:
         driver.save_screenshot(a.out)
     finally:
         driver.quit()
-    if a.colors:  # a palette PNG is a third of the size, small enough for the repository
-        image = Image.open(a.out).convert("RGB")
-        image.quantize(colors=a.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(a.out, optimize=True)
+    if a.colors:
+        save_palette_png(a.out, a.colors)
 
 
 if __name__ == "__main__":
