@@ -2,8 +2,8 @@
 
 ``slidechat ask --slide S.svs --question "..." [--model DIR] [--llm DIR]`` prints the answer;
 ``slidechat chat --slide S.svs ...`` keeps a multi-turn conversation on stdin/stdout (the slide is encoded
-once; /reset starts over, /exit or Ctrl-D leaves). Intermediate outputs are cached per slide in ``--work-dir`` (default
-``~/.cache/wsi-slidechat/<slide_id>/``) and reused: the tissue mask, the patch coordinates and the feature
+once; /reset starts over, /exit or Ctrl-D leaves). Intermediate outputs are cached per slide in ``--work-dir``
+(default ``~/.cache/wsi-slidechat/<slide_id>/``) and reused: the tissue mask, the patch coordinates and the feature
 store (the extractor itself checks that a store matches the encoder and coordinates).
 
 The patch encoder comes from ``--encoder`` / ``--encoder-checkpoint`` / ``--transform``; when not given, the
@@ -123,7 +123,7 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
     from preprocessing.tiling import load_coords, tile_slide
     from preprocessing.tissue import segment_slide, segmentation_paths
 
-    slide = Path(input_file(slide, "slide", "--slide"))
+    slide = input_file(slide, "slide", "--slide")
     cache = _slide_cache_dir(slide, work_dir)
     seg_dir = cache / "segmentation"
     if not segmentation_paths(seg_dir, slide.stem)["mask"].exists():
