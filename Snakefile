@@ -19,6 +19,9 @@ USER_CONFIG = copy.deepcopy(config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocessing.smk"

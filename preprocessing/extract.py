@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from preprocessing.device_tiles import decode_crops
-from preprocessing.encoders import TRANSFORMS, EncoderCheckpointError, PatchEncoder, build_encoder
+from preprocessing.encoders import TRANSFORMS, PatchEncoder, build_encoder
 from preprocessing.readers import PIXEL_RULES, PatchRing, Reader, ReaderPool, RegionResult, RegionTask
 from preprocessing.slide import SlideError, WholeSlide
 from preprocessing.slide_tiles import TiledLevel
@@ -64,7 +64,8 @@ from preprocessing.stores import (
     write_h5_store,
 )
 from wsicore.cli import command_parser
-from wsicore.files import jsonable
+from wsicore.errors import ConfigError, InputError, UsageError
+from wsicore.files import input_file, jsonable
 from wsicore.settings import add_arguments, from_arguments, setting
 
 log = logging.getLogger("preprocessing.extract")
@@ -87,7 +88,8 @@ class ExtractOptions:
     # The real encoder by default: random weights are never what a run gets without asking for them.
     encoder: str = setting("conch_v1", help="patch encoder: conch_v1 | conch_tiny | resnet50_trunc | timm:<name>")
     checkpoint: str | None = setting(
-        None, help="local weights file of the encoder (CONCH's pytorch_model.bin); required for conch_v1")
+        None, flag="--encoder-checkpoint", aliases=("--checkpoint",),
+        help="local weights file of the encoder (CONCH's pytorch_model.bin); required for conch_v1")
     transform: str | None = setting(
         None, choices=sorted(TRANSFORMS),
         help="input transform; null = the encoder's own (conch_v1: conch_official, conch_tiny: slidechat)")
@@ -129,17 +131,19 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         if self.fmt not in {"zarr", "h5"}:
-            raise ValueError(f"format must be 'zarr' or 'h5', got {self.fmt!r} (option --format)")
+            raise ConfigError(f"format must be 'zarr' or 'h5', got {self.fmt!r} (option --format)")
         if self.batch_size < 1 or self.chunk_rows < 1 or self.region_px < 1 or (self.num_workers or 0) < 0:
-            raise ValueError("batch_size, chunk_rows and region_px must be >= 1 and num_workers >= 0")
+            raise ConfigError("batch_size, chunk_rows and region_px must be >= 1 and num_workers >= 0")
         if self.preset not in (None, *PRESETS):
-            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r} (option --preset)")
+            raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r} (option --preset)")
         if self.precision not in (None, *PRECISIONS):
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r} (option --precision)")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r} (option --precision)")
         if self.memory_format not in ("auto", *MEMORY_FORMATS):
-            raise ValueError(f"memory_format must be auto or one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+            raise ConfigError(f"memory_format must be auto or one of {MEMORY_FORMATS}, got {self.memory_format!r} "
+                              "(option --memory-format)")
         if self.tile_decode not in TILE_DECODES:
-            raise ValueError(f"tile_decode must be one of {TILE_DECODES}, got {self.tile_decode!r} (option --tile-decode)")
+            raise ConfigError(f"tile_decode must be one of {TILE_DECODES}, got {self.tile_decode!r} "
+                              "(option --tile-decode)")
 
     @property
     def store_dtype(self) -> str:
@@ -915,18 +919,22 @@ def extract_slide(
 # CLI
 # --------------------------------------------------------------------------------------------------
 def _read_manifest(path: Path) -> list[SlideJob]:
-    with open(path, newline="") as fh:
+    with open(input_file(path, "manifest CSV", "--manifest"), newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if rows and not {"slide", "coords"} <= set(rows[0]):
-        raise ValueError(f"{path}: manifest needs columns slide,coords[,mpp]")
-    return [SlideJob(Path(r["slide"]), Path(r["coords"]), float(r["mpp"]) if r.get("mpp") else None) for r in rows]
+    if not rows or not {"slide", "coords"} <= set(rows[0]):
+        raise InputError(f"{path}: a manifest needs columns slide,coords[,mpp] and a row per slide (option --manifest)")
+    try:
+        return [SlideJob(Path(r["slide"]), Path(r["coords"]), float(r["mpp"]) if r.get("mpp") else None)
+                for r in rows]
+    except ValueError as exc:
+        raise InputError(f"{path}: an mpp value is not a number ({exc}) (option --manifest)") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = command_parser("python -m preprocessing extract",
                         "Patch features for tiled slides into per-slide stores (OUT/<slide_id>.zarr or .h5).",
                         "python -m preprocessing extract --slide S.svs --coords patches/S.h5 --out features/ "
-                        "--checkpoint CONCH/pytorch_model.bin")
+                        "--encoder-checkpoint CONCH/pytorch_model.bin")
     ap.add_argument("--slide", action="append", default=[], help="slide file (repeat with --coords for several)")
     ap.add_argument("--coords", action="append", default=[], help="coords file DIR/<slide_id>.h5 from tiling")
     ap.add_argument("--slide-id", help="with one --slide: the id its coords file must record (a sample sheet's "
@@ -943,26 +951,19 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.manifest:
         if args.slide or args.coords or args.slide_id:
-            print("error: give either --manifest or --slide/--coords[/--slide-id]", file=sys.stderr)
-            return 2
+            raise UsageError("give either --manifest or --slide/--coords[/--slide-id]")
         jobs = _read_manifest(args.manifest)
     else:
         if not args.slide or len(args.slide) != len(args.coords):
-            print("error: give one --coords per --slide", file=sys.stderr)
-            return 2
+            raise UsageError("give one --coords per --slide (or a --manifest)")
         if args.slide_id and len(args.slide) != 1:
-            print("error: --slide-id names one slide; give one --slide with it", file=sys.stderr)
-            return 2
+            raise UsageError("--slide-id names one slide; give one --slide with it")
         jobs = [SlideJob(Path(s), Path(c), args.mpp) for s, c in zip(args.slide, args.coords)]
-    try:
-        recorded = read_coords(jobs[0].coords).slide_id if args.slide_id else None
-        if recorded != args.slide_id:
-            raise StoreError(f"{jobs[0].coords} records slide {recorded!r}, not {args.slide_id!r} (option --slide-id); "
-                             f"re-run tiling for this slide")
-        paths = extract_slides(jobs, args.out, from_arguments(ExtractOptions, args))
-    except (StoreError, SlideError, EncoderCheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    recorded = read_coords(jobs[0].coords).slide_id if args.slide_id else None
+    if recorded != args.slide_id:
+        raise StoreError(f"{jobs[0].coords} records slide {recorded!r}, not {args.slide_id!r} (option --slide-id); "
+                         f"re-run tiling for this slide")
+    paths = extract_slides(jobs, args.out, from_arguments(ExtractOptions, args))
     for p in paths:
         print(p)
     return 0

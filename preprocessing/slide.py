@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import openslide
 from wsicore.errors import InputError
+from wsicore.progress import Progress
 
 # TIFF ResolutionUnit -> micrometres per unit.
 _UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter": 1000.0, "micrometer": 1.0}
@@ -129,28 +130,27 @@ class WholeSlide:
         Raises `UnusualSlideError` naming the slide, the claim and the override (`--allow-unusual-slide`).
         A slide without a pixel size passes here; asking for it later raises `MissingMppError`.
         """
-        override = "or pass --allow-unusual-slide (config segmentation.allow_unusual_slide) to process it anyway"
+        override = "or pass --allow-unusual-slide to process it anyway"
+        hint = "segmentation.allow_unusual_slide: true processes it anyway"
         if self._mpp is not None:
             lo, hi = MPP_RANGE
             if not all(lo <= m <= hi for m in self._mpp):
                 raise UnusualSlideError(
                     f"slide {self.slide_id}: level-0 pixel size {self._mpp[0]:.4g} µm/px ({self.mpp_source}) is outside "
-                    f"the plausible {lo:g}-{hi:g} µm/px; set the right value in mpp_overrides, {override}"
-                )
+                    f"the plausible {lo:g}-{hi:g} µm/px; pass the right value with --mpp, {override}",
+                    config_hint=f"set the right value under `mpp_overrides:`; {hint}")
         w0, h0 = self.dimensions
         if max(w0, h0) > MAX_LEVEL0_SIDE:
             raise UnusualSlideError(
                 f"slide {self.slide_id}: claims {w0} x {h0} px at level 0, beyond the {MAX_LEVEL0_SIDE:,} px any scanner "
-                f"writes; the file is damaged or not a slide, {override}"
-            )
+                f"writes; the file is damaged or not a slide, {override}", config_hint=hint)
         if self.path.is_file() and not self.path.name.lower().endswith(_MULTI_FILE_SUFFIXES):
             n_bytes = self.path.stat().st_size
             if w0 * h0 > MAX_PIXELS_PER_BYTE * n_bytes:
                 raise UnusualSlideError(
                     f"slide {self.slide_id}: claims {w0} x {h0} px at level 0 in a file of {n_bytes:,} bytes "
                     f"({w0 * h0 / max(n_bytes, 1):,.0f} px per byte; real scans hold under {MAX_PIXELS_PER_BYTE:,}); "
-                    f"the file is damaged or not a slide, {override}"
-                )
+                    f"the file is damaged or not a slide, {override}", config_hint=hint)
 
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -172,9 +172,9 @@ class WholeSlide:
         if self._mpp is None:
             raise MissingMppError(
                 f"slide {self.slide_id}: no pixel size (µm/px) in its metadata (no openslide.mpp-x/y, aperio.MPP "
-                f"or TIFF resolution). Set it in config.yaml under `mpp_overrides:` as `{self.slide_id}: <µm/px>` "
-                f"(or pass --mpp on the command line); it is never guessed."
-            )
+                f"or TIFF resolution); pass its level-0 µm/px with --mpp (it is never guessed)",
+                config_hint=f"add `{self.slide_id}: <µm/px>` under `mpp_overrides:`, or an mpp column to the "
+                            f"sample sheet")
         return self._mpp
 
     @property
@@ -275,14 +275,19 @@ class WholeSlide:
         out = np.empty((out_h, out_w, 3), np.uint8)
         step_x = max(1, int(piece / fx))
         step_y = max(1, int(piece / fy))
-        for ty0 in range(0, out_h, step_y):
-            ty1 = min(out_h, ty0 + step_y)
-            ly0, ly1 = round(ty0 * fy), min(lh, max(round(ty0 * fy) + 1, round(ty1 * fy)))
-            for tx0 in range(0, out_w, step_x):
-                tx1 = min(out_w, tx0 + step_x)
-                lx0, lx1 = round(tx0 * fx), min(lw, max(round(tx0 * fx) + 1, round(tx1 * fx)))
-                region = self.read_region((round(lx0 * dx), round(ly0 * dy)), level, (lx1 - lx0, ly1 - ly0))
-                out[ty0:ty1, tx0:tx1] = resize(region, (tx1 - tx0, ty1 - ty0))
+        n_pieces = math.ceil(out_h / step_y) * math.ceil(out_w / step_x)
+        # a huge slide takes minutes here: say how far the read is (one piece is up to piece² read-level px)
+        with Progress(n_pieces, f"slide {self.slide_id}: reading level {level} for {target_mpp:g} µm/px", "piece",
+                      every_s=10, enabled=n_pieces > 4) as progress:
+            for ty0 in range(0, out_h, step_y):
+                ty1 = min(out_h, ty0 + step_y)
+                ly0, ly1 = round(ty0 * fy), min(lh, max(round(ty0 * fy) + 1, round(ty1 * fy)))
+                for tx0 in range(0, out_w, step_x):
+                    tx1 = min(out_w, tx0 + step_x)
+                    lx0, lx1 = round(tx0 * fx), min(lw, max(round(tx0 * fx) + 1, round(tx1 * fx)))
+                    region = self.read_region((round(lx0 * dx), round(ly0 * dy)), level, (lx1 - lx0, ly1 - ly0))
+                    out[ty0:ty1, tx0:tx1] = resize(region, (tx1 - tx0, ty1 - ty0))
+                    progress.update()
         return out
 
     def describe(self) -> dict:

@@ -40,7 +40,7 @@ import numpy as np
 from preprocessing import __version__
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
-from wsicore.files import atomic_path, jsonable
+from wsicore.files import atomic_path, input_file, jsonable
 
 STORE_FORMAT = "wsi-slidechat-features"
 STORE_FORMAT_VERSION = 2  # 2: the `integrity` attribute (row count and per-block checksums)
@@ -867,7 +867,7 @@ def export_csv_main(argv: list[str]) -> int:
     ap = command_parser("python -m preprocessing export-csv", "Write a feature store as a SlideChat CSV (0..D-1, patch_name).",
                         "python -m preprocessing export-csv results/features/S1.zarr S1.csv")
     ap.add_argument("store", help="<slide_id>.zarr or .h5")
-    ap.add_argument("out_csv")
+    ap.add_argument("out_csv", help="CSV file to write")
     args = ap.parse_args(argv)
     print(export_csv(args.store, args.out_csv))
     return 0
@@ -876,11 +876,12 @@ def export_csv_main(argv: list[str]) -> int:
 def import_csv_main(argv: list[str]) -> int:
     ap = command_parser("python -m preprocessing import-csv", "Turn a SlideChat feature CSV into a feature store.",
                         "python -m preprocessing import-csv TCGA_patch_feat/BRCA/S1.csv features/S1.zarr")
-    ap.add_argument("csv")
+    ap.add_argument("csv", help="SlideChat feature CSV (columns 0..D-1[, patch_name])")
     ap.add_argument("out_store", help="<slide_id>.zarr (default format) or <slide_id>.h5")
     ap.add_argument("--encoder", default="conch_v1", help="encoder that made the CSV (recorded)")
     ap.add_argument("--transform", default="slidechat", help="transform that was used (recorded)")
-    ap.add_argument("--dtype", default=None, help="stored feature dtype (default float32)")
+    ap.add_argument("--dtype", default=None, choices=["float16", "float32"], help="stored feature dtype (default float32)")
     args = ap.parse_args(argv)
+    input_file(args.csv, "SlideChat feature CSV")
     print(import_csv(args.csv, args.out_store, args.encoder, args.transform, args.dtype))
     return 0

@@ -7,7 +7,6 @@ appearance (colour, nuclear density and size, glands, fibres); nothing in the fi
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from concurrent.futures import ProcessPoolExecutor
@@ -18,6 +17,7 @@ from typing import Iterator
 import numpy as np
 import tifffile
 
+from wsicore.cli import command_parser
 from wsicore.files import atomic_path
 
 BACKGROUND = np.array([243, 243, 241], np.float32)
@@ -283,26 +283,27 @@ def _write_demo_slide(job: tuple[Path, int, str, int]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing synth", description=__doc__)
+    parser = command_parser("python -m preprocessing synth", __doc__,
+                            "python -m preprocessing synth --out demo/slides --train-per-class 6 --test-per-class 3")
     parser.add_argument("--out", required=True, help="output folder (demo cohort) or file (--single/--blank)")
-    parser.add_argument("--train-per-class", type=int, default=6)
-    parser.add_argument("--test-per-class", type=int, default=3)
+    parser.add_argument("--train-per-class", type=int, default=6, help="training slides per tissue class")
+    parser.add_argument("--test-per-class", type=int, default=3, help="held-out slides per tissue class")
     parser.add_argument("--size", type=int, default=4096, help="level-0 width and height in px")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes")
     parser.add_argument("--workers", type=int, default=1, help="processes writing demo slides in parallel")
-    parser.add_argument("--single", metavar="CLASS", help="write one slide of this class to --out (a .svs path)")
+    parser.add_argument("--single", metavar="CLASS", choices=sorted(APPEARANCES),
+                        help="write one slide of this class to --out (a .svs path)")
     parser.add_argument("--blank", action="store_true", help="write one slide with no tissue to --out")
     parser.add_argument("--width", type=int, help="with --single/--blank: level-0 width (default --size)")
     parser.add_argument("--height", type=int, help="with --single/--blank: level-0 height (default --size)")
-    parser.add_argument("--mpp", type=float, default=0.25)
-    parser.add_argument("--downsamples", type=float, nargs="+", default=[4, 16])
+    parser.add_argument("--mpp", type=float, default=0.25, help="with --single/--blank: level-0 µm/px recorded")
+    parser.add_argument("--downsamples", type=float, nargs="+", default=[4, 16],
+                        help="with --single: downsamples of the pyramid levels below level 0")
     args = parser.parse_args(argv)
     width, height = args.width or args.size, args.height or args.size
     if args.blank:
         write_blank_svs(args.out, width, height, args.mpp)
     elif args.single:
-        if args.single not in APPEARANCES:
-            parser.error(f"--single must be one of {sorted(APPEARANCES)}")
         scene = Scene.random(width, height, args.single, args.seed)
         write_synthetic_svs(args.out, scene, mpp=args.mpp, downsamples=tuple(args.downsamples))
     else:

@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import math
-import sys
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,9 +21,11 @@ import h5py
 import numpy as np
 
 from preprocessing import __version__
-from wsicore.cli import command_parser
+from wsicore.cli import command_parser, log_to_stderr
+from wsicore.errors import ConfigError, InputError
 from wsicore.files import atomic_path, write_json
 from wsicore.settings import add_arguments, given, setting
+from preprocessing.overview import HOLE_RGB, PATCH_RGB, PATCH_TINT, TISSUE_RGB, load_overview, save_report_jpeg
 from preprocessing.slide import SlideError, WholeSlide, slide_id_from_path
 from preprocessing.tissue import (
     SegmentationParams,
@@ -34,7 +36,6 @@ from preprocessing.tissue import (
     make_params,
     params_from_args,
     preset_values,
-    save_rgb_png,
     segment_slide_object,
     segmentation_paths,
     write_segmentation,
@@ -75,17 +76,17 @@ class TilingParams:
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
-            raise ValueError(f"tiling.target_mpp must be > 0, got {self.target_mpp}")
+            raise ConfigError(f"tiling.target_mpp must be > 0, got {self.target_mpp}")
         if self.patch_size < 1:
-            raise ValueError(f"tiling.patch_size must be >= 1, got {self.patch_size}")
+            raise ConfigError(f"tiling.patch_size must be >= 1, got {self.patch_size}")
         if self.stride is not None and self.stride < 1:
-            raise ValueError(f"tiling.stride must be >= 1, got {self.stride}")
+            raise ConfigError(f"tiling.stride must be >= 1, got {self.stride}")
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
-            raise ValueError(f"tiling.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}")
+            raise ConfigError(f"tiling.min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}")
         if self.rule not in TILING_RULES:
-            raise ValueError(f"tiling.rule must be one of {TILING_RULES}, got {self.rule!r}")
+            raise ConfigError(f"tiling.rule must be one of {TILING_RULES}, got {self.rule!r}")
         if self.contour_fn not in CLAM_CONTOUR_FNS:
-            raise ValueError(f"tiling.contour_fn must be one of {CLAM_CONTOUR_FNS}, got {self.contour_fn!r}")
+            raise ConfigError(f"tiling.contour_fn must be one of {CLAM_CONTOUR_FNS}, got {self.contour_fn!r}")
 
     @property
     def step(self) -> int:
@@ -122,9 +123,8 @@ class PatchGeometry:
         if params.target_mpp < ws.mpp_x / MAX_UPSAMPLE:
             raise SlideError(
                 f"slide {ws.slide_id}: target {params.target_mpp} µm/px is more than {MAX_UPSAMPLE:g}x finer than "
-                f"the scan ({ws.mpp_x:.4g} µm/px at level 0); check the slide's mpp (config key mpp_overrides) "
-                f"or tiling.target_mpp"
-            )
+                f"the scan ({ws.mpp_x:.4g} µm/px at level 0); check the slide's µm/px (--mpp) or --target-mpp",
+                config_hint="mpp_overrides, tiling.target_mpp")
         level = ws.best_level_for_mpp(params.target_mpp)
         dx, dy = ws.level_downsample_xy(level)
         size0 = (params.patch_size * params.target_mpp / ws.mpp_x, params.patch_size * params.target_mpp / ws.mpp_y)
@@ -328,9 +328,13 @@ def write_coords_h5(path: Path, coords: np.ndarray, fractions: np.ndarray, attrs
 
 def load_coords(h5_path: str | Path) -> tuple[np.ndarray, dict]:
     """Coordinates (N, 2) int64 and the attributes of a coords file."""
-    with h5py.File(h5_path, "r") as f:
+    try:
+        f = h5py.File(h5_path, "r")
+    except OSError as exc:
+        raise InputError(f"{h5_path}: not a readable HDF5 coords file ({exc}); run tiling again") from exc
+    with f:
         if "coords" not in f:
-            raise ValueError(f"{h5_path}: no `coords` dataset (not a coordinates file)")
+            raise InputError(f"{h5_path}: no `coords` dataset (not a coordinates file)")
         coords = f["coords"][:].astype(np.int64).reshape(-1, 2)
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f["coords"].attrs.items()}
     for key in ("status", "slide_id", "name", "software"):
@@ -364,14 +368,25 @@ def check_coords_slide(coords_attrs: dict, ws: WholeSlide, coords_path: str | Pa
 
 def draw_patches(thumbnail_overlay: np.ndarray, coords: np.ndarray, level0_size: tuple[int, int],
                  patch_size_level0_xy: tuple[float, float]) -> np.ndarray:
-    """Kept patches as rectangles on the segmentation overlay (for the report)."""
+    """Kept patches on the segmentation overlay (for the report): tinted, and outlined one by one when a patch
+    is at least 6 px wide in the overview; smaller ones would merge into a grid, so then the kept area's
+    outline is drawn instead."""
     img = thumbnail_overlay.copy()
     sx = img.shape[1] / level0_size[0]
     sy = img.shape[0] / level0_size[1]
-    for x, y in coords:
-        p0 = (int(x * sx), int(y * sy))
-        p1 = (int((x + patch_size_level0_xy[0]) * sx), int((y + patch_size_level0_xy[1]) * sy))
-        cv2.rectangle(img, p0, p1, (230, 120, 0), 1)
+    boxes = [(int(x * sx), int(y * sy), int((x + patch_size_level0_xy[0]) * sx) - 1,
+              int((y + patch_size_level0_xy[1]) * sy) - 1) for x, y in coords]
+    kept = np.zeros(img.shape[:2], np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        kept[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1] = 1
+    tint = kept.astype(bool)
+    img[tint] = ((1 - PATCH_TINT) * img[tint] + PATCH_TINT * np.array(PATCH_RGB)).astype(np.uint8)
+    if patch_size_level0_xy[0] * sx >= 6:
+        for x0, y0, x1, y1 in boxes:
+            cv2.rectangle(img, (x0, y0), (x1, y1), PATCH_RGB, 1)
+    else:
+        outline, _ = cv2.findContours(kept, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, outline, -1, PATCH_RGB, max(1, round(max(img.shape[:2]) / 500)))
     return img
 
 
@@ -422,19 +437,30 @@ def run_tiling(
         write_segmentation(result, ws, seg_params, out_dir, preset)
         seg_dir = out_dir
     seg_paths = segmentation_paths(Path(seg_dir), ws.slide_id)
+    if not seg_paths["mask"].is_file():
+        raise InputError(f"slide {ws.slide_id}: no tissue mask {seg_paths['mask']} in --seg-dir {seg_dir}; run "
+                         "`python -m preprocessing segment` for it first (or tile without --seg-dir)")
     tissue = TissueMask.load_png(seg_paths["mask"])
     if tissue.level0_size != ws.dimensions:
         raise SlideError(f"slide {ws.slide_id}: mask {seg_paths['mask']} is for a {tissue.level0_size} slide, "
                          f"this slide is {ws.dimensions}")
     polygons = load_tissue_polygons(seg_paths["geojson"]) if params.rule != "fraction" else None
     # the contour overview written by segmentation, so the slide is not read a second time for it
-    overlay = _load_rgb(seg_paths["thumbnail"])
+    overlay = load_overview(seg_paths["thumbnail"])
+    t0 = time.perf_counter()
     coords, fractions, geom = patches_on_tissue(ws, tissue, params, polygons)
+    log.info("slide %s: %d patch(es) of %d px at %g µm/px kept (rule %s, read level %d) in %.1f s", ws.slide_id,
+             len(coords), params.patch_size, params.target_mpp, params.rule, geom.read_level, time.perf_counter() - t0)
     status = "ok" if len(coords) else "no_tissue"
     h5_path = out_dir / f"{ws.slide_id}.h5"
     write_coords_h5(h5_path, coords, fractions, coords_attrs(ws, params, geom, status))
-    save_rgb_png(draw_patches(overlay, coords, ws.dimensions, geom.patch_size_level0_xy),
-                 out_dir / f"{ws.slide_id}_patches.png")
+    legend = [("tissue", TISSUE_RGB, "line"), ("holes", HOLE_RGB, "line"),
+              (f"kept patches ({len(coords):,})", PATCH_RGB, "box")]
+    caption = (f"{ws.slide_id} · {ws.mpp_x:.3g} µm/px · {len(coords):,} patches of {params.patch_size} px at "
+               f"{params.target_mpp:g} µm/px")
+    save_report_jpeg(draw_patches(overlay, coords, ws.dimensions, geom.patch_size_level0_xy),
+                     ws.dimensions[0] * ws.mpp_x / overlay.shape[1], legend, caption,
+                     out_dir / f"{ws.slide_id}_patches.jpg")
     summary = {
         "slide_id": ws.slide_id,
         "status": status,
@@ -452,13 +478,6 @@ def run_tiling(
     return summary
 
 
-def _load_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("python -m preprocessing tile", __doc__,
                             "python -m preprocessing tile --slide S.svs --out patches/ --seg-dir seg/ --target-mpp 0.5")
@@ -473,16 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        slide_id = args.slide_id or slide_id_from_path(args.slide)
-        preset = getattr(args, "preset", None) or recorded_preset(args.seg_dir, slide_id)
-        args.preset = preset
-        params = make_tiling_params(preset, **given(TilingParams, args))
-        seg_params = params_from_args(args)
-        with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
-            summary = run_tiling(ws, params, Path(args.out), seg_params, args.seg_dir, preset)
-    except (SlideError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    log_to_stderr()
+    slide_id = args.slide_id or slide_id_from_path(args.slide)
+    preset = getattr(args, "preset", None) or recorded_preset(args.seg_dir, slide_id)
+    args.preset = preset
+    params = make_tiling_params(preset, **given(TilingParams, args))
+    seg_params = params_from_args(args)
+    with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
+        summary = run_tiling(ws, params, Path(args.out), seg_params, args.seg_dir, preset)
     print(json.dumps({k: summary[k] for k in ("slide_id", "status", "n_patches", "read_level", "read_size")}))
     return 0

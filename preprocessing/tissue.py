@@ -5,7 +5,7 @@ tissue and hole area filters (µm²), keeping the largest holes up to a limit. T
 loaded: the thumbnail (about 8 µm/px) is read in bounded pieces.
 
 Outputs per slide: `<id>_mask.png` (its µm/px in PNG text chunks and in the JSON), `<id>_thumbnail.png`
-(contours drawn, for humans), `<id>.geojson` (polygons in level-0 pixels; QuPath opens it) and
+(contours and holes drawn, with a legend and a scale bar, for humans), `<id>.geojson` (polygons in level-0 pixels; QuPath opens it) and
 `<id>_segmentation.json` (parameters, status, areas).
 """
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,14 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from preprocessing import __version__
-from wsicore.cli import command_parser
+from wsicore.cli import command_parser, log_to_stderr
+from wsicore.errors import ConfigError, InputError
 from wsicore.files import atomic_path, write_json
 from wsicore.settings import add_arguments, given, setting
+from preprocessing.overview import HOLE_RGB, TISSUE_RGB, annotate, save_annotated_png
 from preprocessing.slide import SlideError, UnusualSlideError, WholeSlide
+
+log = logging.getLogger("preprocessing.tissue")
 
 # CLAM expresses areas in multiples of a 512x512 level-0 patch ("ref_patch_size").
 CLAM_REF_PATCH = 512
@@ -72,11 +77,11 @@ class SegmentationParams:
 
     def __post_init__(self) -> None:
         if self.area_unit not in {"um2", "clam_ref_patch"}:
-            raise ValueError(f"segmentation.area_unit must be 'um2' or 'clam_ref_patch', got {self.area_unit!r}")
+            raise ConfigError(f"segmentation.area_unit must be 'um2' or 'clam_ref_patch', got {self.area_unit!r}")
         if self.geometry not in {"centred", "clam"}:
-            raise ValueError(f"segmentation.geometry must be 'centred' or 'clam', got {self.geometry!r}")
+            raise ConfigError(f"segmentation.geometry must be 'centred' or 'clam', got {self.geometry!r}")
         if self.median_kernel < 1 or self.median_kernel % 2 == 0:
-            raise ValueError(f"segmentation.median_kernel must be a positive odd number, got {self.median_kernel}")
+            raise ConfigError(f"segmentation.median_kernel must be a positive odd number, got {self.median_kernel}")
 
 
 def _clam_preset(sthresh: int, mthresh: int, close: int, a_t: float, a_h: float, max_n_holes: int) -> dict:
@@ -111,7 +116,7 @@ PRESETS["clam_tcga"] = PRESETS["clam"]  # the earlier name, kept as an alias
 def preset_values(preset: str | None, section: str) -> dict:
     """The `section` ('segmentation' or 'tiling') values of a preset; {} for None."""
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     return dict(PRESETS[preset or "default"][section])
 
 
@@ -165,7 +170,8 @@ class TissueMask:
                 text.get("slide_id", ""),
             )
         except KeyError as exc:
-            raise ValueError(f"{path}: not a tissue mask written by this package (missing PNG text {exc})") from exc
+            raise InputError(f"{path}: not a tissue mask written by this package (missing PNG text {exc}); run "
+                             "`python -m preprocessing segment` again") from exc
 
 
 @dataclass
@@ -285,9 +291,11 @@ def segmentation_image(ws: WholeSlide, params: SegmentationParams) -> np.ndarray
     if size[0] * size[1] > MAX_SEG_PIXELS and not params.allow_unusual_slide:
         raise UnusualSlideError(
             f"slide {ws.slide_id}: segmenting {what} means a {size[0]} x {size[1]} px image, above the "
-            f"{MAX_SEG_PIXELS / 1e6:g} Mpx limit; raise segmentation.seg_mpp (or choose a coarser seg_level), "
-            f"or pass --allow-unusual-slide"
-        )
+            f"{MAX_SEG_PIXELS / 1e6:g} Mpx limit; raise --seg-mpp (or choose a coarser --seg-level), "
+            f"or pass --allow-unusual-slide",
+            config_hint="segmentation.seg_mpp, segmentation.seg_level, segmentation.allow_unusual_slide")
+    log.info("slide %s: %d x %d px at level 0, %.4g µm/px; segmenting %s (%d x %d px)", ws.slide_id, w0, h0,
+             ws.mpp_x, what, size[0], size[1])
     return ws.read_level(level) if level is not None else ws.thumbnail_at_mpp(params.seg_mpp)
 
 
@@ -296,9 +304,15 @@ def segment_slide_object(ws: WholeSlide, params: SegmentationParams) -> Segmenta
     if not params.allow_unusual_slide:
         ws.check_plausible()
     w0, h0 = ws.dimensions
+    t0 = time.perf_counter()
     image = segmentation_image(ws, params)
+    t1 = time.perf_counter()
     mpp_xy = (w0 * ws.mpp_x / image.shape[1], h0 * ws.mpp_y / image.shape[0])
-    return segment_array(image, mpp_xy, (w0, h0), params, ws.mpp_xy, ws.slide_id)
+    result = segment_array(image, mpp_xy, (w0, h0), params, ws.mpp_xy, ws.slide_id)
+    log.info("slide %s: read in %.1f s, segmented in %.1f s: %d tissue region(s), %d hole(s), saturation threshold %s",
+             ws.slide_id, t1 - t0, time.perf_counter() - t1, len(result.outers), sum(len(h) for h in result.holes),
+             result.threshold)
+    return result
 
 
 def contours_to_level0(contours: list[np.ndarray], scale_xy: tuple[float, float], geometry: str) -> list[np.ndarray]:
@@ -380,18 +394,13 @@ def draw_overlay(result: SegmentationResult, image: np.ndarray | None = None, ma
         return [np.round((c.astype(np.float64) + 0.5) * (sx, sy) - 0.5).astype(np.int32) for c in contours]
 
     thick = max(1, round(max(img.shape[:2]) / 400))
-    cv2.drawContours(img, scaled(result.outers), -1, (0, 160, 0), thick)
+    cv2.drawContours(img, scaled(result.outers), -1, TISSUE_RGB, thick)
     for hole_list in result.holes:
-        cv2.drawContours(img, scaled(hole_list), -1, (0, 0, 220), thick)
+        cv2.drawContours(img, scaled(hole_list), -1, HOLE_RGB, thick)
     scale = max_side / max(img.shape[:2])
     if scale < 1:
         img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
     return img
-
-
-def save_rgb_png(image: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def segmentation_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
@@ -410,13 +419,18 @@ def write_segmentation(
     `tile --seg-dir` follows)."""
     paths = segmentation_paths(out_dir, ws.slide_id)
     result.tissue.save_png(paths["mask"])
-    save_rgb_png(draw_overlay(result, overview_image(ws, result)), paths["thumbnail"])
-    write_json(paths["geojson"], contours_to_geojson(result))
     tissue_px = int(result.tissue.mask.sum())
+    area_mm2 = tissue_px * result.tissue.mpp_xy[0] * result.tissue.mpp_xy[1] / 1e6
+    overlay = draw_overlay(result, overview_image(ws, result))
+    legend = [("tissue", TISSUE_RGB, "line"), ("holes", HOLE_RGB, "line")]
+    caption = f"{ws.slide_id} · {ws.mpp_x:.3g} µm/px · tissue {area_mm2:.2f} mm²"
+    um_per_px = ws.dimensions[0] * ws.mpp_x / overlay.shape[1]
+    save_annotated_png(annotate(overlay, um_per_px, legend, caption), overlay.shape[0], paths["thumbnail"])
+    write_json(paths["geojson"], contours_to_geojson(result))
     summary = {
         "slide_id": ws.slide_id,
         "status": "ok" if tissue_px else "no_tissue",
-        "tissue_area_mm2": tissue_px * result.tissue.mpp_xy[0] * result.tissue.mpp_xy[1] / 1e6,
+        "tissue_area_mm2": area_mm2,
         "n_tissue_regions": len(result.outers),
         "n_holes": sum(len(h) for h in result.holes),
         "saturation_threshold": result.threshold,
@@ -477,13 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        params = params_from_args(args)
-        with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
-            result = segment_slide_object(ws, params)
-            summary = write_segmentation(result, ws, params, Path(args.out), getattr(args, "preset", None))
-    except (SlideError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    log_to_stderr()
+    params = params_from_args(args)
+    with WholeSlide(args.slide, mpp_override=args.mpp, slide_id=args.slide_id) as ws:
+        result = segment_slide_object(ws, params)
+        summary = write_segmentation(result, ws, params, Path(args.out), getattr(args, "preset", None))
     print(json.dumps({k: summary[k] for k in ("slide_id", "status", "tissue_area_mm2", "n_tissue_regions")}))
     return 0

@@ -19,7 +19,6 @@ which is the original SlideChat test tool's format plus our parsed letter.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -31,7 +30,7 @@ from typing import Any, Iterable
 from preprocessing.stores import normalize_slide_id
 from slidechat.template import IMAGE_TOKEN
 from wsicore.errors import InputError
-from wsicore.files import atomic_path
+from wsicore.files import atomic_path, input_file, read_json
 
 LETTERS = ("A", "B", "C", "D")
 TCGA_COLUMNS = ["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", *LETTERS, "Answer"]
@@ -132,11 +131,14 @@ def _id_string(value: Any, default: str) -> str:
     return s
 
 
-def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f for f in (reader.fieldnames or [])]
-        rows = list(reader)
+def _read_csv_rows(path: Path, what: str = "CSV file") -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(input_file(path, what), newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f for f in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise BenchmarkFormatError(f"{path}: not a readable UTF-8 CSV ({exc}); expected a {what}") from exc
     return fields, rows
 
 
@@ -194,7 +196,7 @@ def _split_choice(choice: str) -> tuple[str, str]:
 def read_slidebench_json(path: str | os.PathLike) -> Benchmark:
     """The JSON form (``{"samples": [...]}`` or a list) with slide_id, question, choices, answer, category."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = read_json(path, "SlideBench JSON")
     samples = data.get("samples") if isinstance(data, dict) else data
     if not isinstance(samples, list):
         raise BenchmarkFormatError(f"{path}: expected a list of samples or {{'samples': [...]}}")
@@ -254,7 +256,7 @@ def read_wsi_bench(path: str | os.PathLike) -> Benchmark:
         raise BenchmarkFormatError(f"{path}: no WSI-Bench *.json files")
     items: list[BenchItem] = []
     for f in files:
-        data = json.loads(f.read_text())
+        data = read_json(f, "WSI-Bench JSON")
         if not isinstance(data, list):
             raise BenchmarkFormatError(f"{f}: expected a JSON list of LLaVA-style records")
         task = _wsi_bench_task(f)
@@ -344,7 +346,8 @@ def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
     try:
         return set(load_benchmark(path).slide_ids())
     except BenchmarkFormatError:
-        pass
+        if path.is_dir():  # a folder is a WSI-Bench folder or nothing
+            raise
     ids: set[str] = set()
     if path.suffix.lower() == ".csv":
         fields, rows = _read_csv_rows(path)
@@ -353,7 +356,7 @@ def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
             raise BenchmarkFormatError(f"{path}: no slide column (expected Slide, slide_id or image_path); "
                                        f"found: {', '.join(f for f in fields if f)}")
         return {normalize_slide_id(r[col]) for r in rows if r.get(col)}
-    data = json.loads(path.read_text())
+    data = read_json(path, "benchmark or training JSON")
     items = data.get("samples", data.get("data", [])) if isinstance(data, dict) else data
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, dict):
@@ -384,8 +387,9 @@ def _read_benchmark(path: Path, caption_prompt: str) -> Benchmark:
             f"(needs Slide + Caption); found: {', '.join(f for f in fields if f)}"
         )
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        first = (data.get("samples") or [None])[0] if isinstance(data, dict) else (data[0] if data else None)
+        data = read_json(path, "benchmark JSON")
+        samples = data.get("samples") if isinstance(data, dict) else data
+        first = samples[0] if isinstance(samples, list) and samples else None
         if isinstance(first, dict) and "conversations" in first:
             return read_wsi_bench(path)
         if isinstance(first, dict) and ("choices" in first or "slide_id" in first):
@@ -432,7 +436,7 @@ def write_outputs_csv(path: str | os.PathLike, bench: Benchmark, outputs: dict[s
 def read_outputs_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of an outputs CSV (ours or the original tool's, whose first column is an unnamed index)."""
     path = Path(path)
-    fields, rows = _read_csv_rows(path)
+    fields, rows = _read_csv_rows(path, "outputs CSV")
     if "Output" not in fields:
         raise BenchmarkFormatError(f"{path}: outputs CSV is missing column Output (found: {', '.join(fields)})")
     return rows

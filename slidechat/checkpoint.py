@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,26 +87,43 @@ FORMAT_VERSION = 1
 
 def _require_dir(path: str | Path | None, what: str) -> Path:
     if path is None:
-        raise MissingCheckpointError(f"no LLM directory given: set `llm` (config key / --llm option) to a local {what}")
+        raise MissingCheckpointError(f"no LLM directory given: pass --llm DIR, a local {what}",
+                                     config_hint="set `llm.path`")
     p = Path(path)
     if not p.is_dir():
-        raise MissingCheckpointError(f"LLM directory not found: {p} (set `llm`, the config key / --llm option, to a local {what})")
+        raise MissingCheckpointError(f"LLM directory not found: {p}; pass --llm DIR, a local {what}",
+                                     config_hint="set `llm.path`")
     return p
+
+
+def _not_an_llm(path: Path, exc: Exception) -> MissingCheckpointError:
+    return MissingCheckpointError(f"{path}: not a Hugging Face causal LM directory with its tokenizer "
+                                  f"({type(exc).__name__}: {exc}); pass --llm DIR, a local model directory",
+                                  config_hint="set `llm.path`")
 
 
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_an_llm(path, exc) from exc
 
 
 def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # a log file gets no progress bar of the weight loading
+        hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_an_llm(path, exc) from exc
 
 
 def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None,
@@ -153,22 +171,36 @@ def load_model(path: str | Path, llm: str | Path | None = None, torch_dtype: tor
     forced to "per_patch" (what the released model was trained with).
     """
     path = Path(path)
-    if not path.exists():
-        raise MissingCheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
+    kind = model_layout(path, "checkpoint", None)
+    if kind == "ours":
         return _load_our_dir(path, llm, torch_dtype)
-    if path.is_dir() and (path / "LongNet_encoder").is_dir() and (path / "projector").is_dir():
+    if kind == "xtuner":
         return _load_xtuner_dir(path, llm, torch_dtype, config)
-    if path.is_dir():
-        f = find_deepspeed_model_file(path)
-        if f is None:
-            raise MissingCheckpointError(
-                f"{path} is neither our model directory ({CONFIG_FILE}), an xtuner folder "
-                f"(LongNet_encoder/, projector/) nor a DeepSpeed folder ({DEEPSPEED_MODEL_FILE})"
-            )
-        path = f
+    if kind == "deepspeed":
+        path = find_deepspeed_model_file(path)
     state = read_state_dict(path)
     return model_from_released_state_dict(state, llm, torch_dtype, config, source=str(path))
+
+
+def model_layout(path: str | Path, what: str = "model", flag: str | None = "--model") -> str:
+    """Which model layout `path` holds ("ours", "xtuner", "deepspeed", or "file" for a .pt/.pth/.safetensors);
+    anything else is a MissingCheckpointError naming the path (checked before slow work, reading no weights)."""
+    path = Path(path)
+    where = f" (option {flag})" if flag else ""
+    if not path.exists():
+        raise MissingCheckpointError(f"{what} not found: {path}{where}")
+    if not path.is_dir():
+        return "file"
+    if (path / CONFIG_FILE).is_file():
+        return "ours"
+    if (path / "LongNet_encoder").is_dir() and (path / "projector").is_dir():
+        return "xtuner"
+    if find_deepspeed_model_file(path) is not None:
+        return "deepspeed"
+    raise MissingCheckpointError(
+        f"{path} is neither our model directory ({CONFIG_FILE}), an xtuner folder (LongNet_encoder/, projector/) "
+        f"nor a DeepSpeed folder ({DEEPSPEED_MODEL_FILE}){where}"
+    )
 
 
 def model_from_released_state_dict(state: dict[str, Tensor], llm: str | Path | None,
@@ -250,6 +282,8 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
         raise InputError(f"{path / CONFIG_FILE}: not a SlideChat model config ({type(e).__name__}: {e})") from e
     fmt = meta.get("llm_format", "full")
     if fmt == "full":
+        if llm:
+            log.warning("%s holds its own LLM (%s/); --llm %s is not used", path, LLM_SUBDIR, llm)
         base = path / LLM_SUBDIR
         llm_module = _load_llm(base, torch_dtype)
         tok_dir = base

@@ -14,15 +14,17 @@ the tissue far sooner than to look up which letter stands before the matching op
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from slidechat.model_card import SYNTHETIC_KEY
 from slidechat.template import IMAGE_TOKEN
-from wsicore.files import atomic_path, write_json, write_text
+from wsicore.cli import command_parser
+from wsicore.errors import InputError
+from wsicore.files import atomic_path, input_file, write_json, write_text
 
 LETTERS = "ABCD"
 
@@ -95,14 +97,19 @@ CATEGORIES = {"diagnosis": ("Diagnosis", "Disease Classification"), "morphology"
 
 def read_labels(path: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of the demo labels CSV; unknown classes are an error naming the class."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with open(input_file(path, "labels CSV of `python -m preprocessing synth`", "--labels"), newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    missing = {"slide_id", "class_name", "split"} - set(reader.fieldnames or [])
+    if missing:
+        raise InputError(f"{path}: not the labels CSV of `python -m preprocessing synth` (no column(s) "
+                         f"{', '.join(sorted(missing))}) (option --labels)")
     for r in rows:
         if r["class_name"] not in CLASS_TEXT:
-            raise ValueError(f"{path}: class {r['class_name']!r} of {r['slide_id']} has no demo texts "
+            raise InputError(f"{path}: class {r['class_name']!r} of {r['slide_id']} has no demo texts "
                              f"(known: {sorted(CLASS_TEXT)})")
         if r["split"] not in {"train", "test"}:
-            raise ValueError(f"{path}: split of {r['slide_id']} must be train or test, got {r['split']!r}")
+            raise InputError(f"{path}: split of {r['slide_id']} must be train or test, got {r['split']!r}")
     return rows
 
 
@@ -159,7 +166,7 @@ def make_demo_instructions(
         sid, cls = r["slide_id"], r["class_name"]
         for k in range(captions_per_slide):
             prompt = CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)]
-            captions.append({"id": f"{sid}::caption{k}", "image": [f"{sid}.zarr"], "conversations": [
+            captions.append({"id": f"{sid}::caption{k}", "image": [f"{sid}.zarr"], SYNTHETIC_KEY: True, "conversations": [
                 {"from": "human", "value": IMAGE_TOKEN + "\n" + prompt},
                 {"from": "gpt", "value": _caption(cls, rng)}]})
         for k in range(mc_per_slide):
@@ -167,12 +174,12 @@ def make_demo_instructions(
             pool = DIAGNOSIS_QUESTIONS if kind == "diagnosis" else MORPHOLOGY_QUESTIONS
             letter = mc_letters.pop()
             options, right = multiple_choice(cls, kind, letter, rng)
-            vqa.append({"id": f"{sid}::mc{k}", "image": [f"{sid}.zarr"], "conversations": [
+            vqa.append({"id": f"{sid}::mc{k}", "image": [f"{sid}.zarr"], SYNTHETIC_KEY: True, "conversations": [
                 {"from": "human", "value": format_mc_prompt(rng.choice(pool), options)},
                 {"from": "gpt", "value": f"{right}."}]})
         for k in range(open_per_slide):
             t = CLASS_TEXT[cls]
-            vqa.append({"id": f"{sid}::open{k}", "image": [f"{sid}.zarr"], "conversations": [
+            vqa.append({"id": f"{sid}::open{k}", "image": [f"{sid}.zarr"], SYNTHETIC_KEY: True, "conversations": [
                 {"from": "human", "value": IMAGE_TOKEN + "\n" + OPEN_QUESTIONS[k % len(OPEN_QUESTIONS)]},
                 {"from": "gpt", "value": f"{t.diagnosis}. {rng.choice(t.findings)}"}]})
     rng.shuffle(vqa)
@@ -210,15 +217,16 @@ def make_demo_instructions(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="slidechat demo-instructions", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("slidechat demo-instructions", __doc__,
+                            "slidechat demo-instructions --labels results/demo/slides/labels.csv --out demo/instructions")
     parser.add_argument("--labels", required=True, help="labels.csv from `python -m preprocessing synth`")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--captions-per-slide", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the wording, options and letter order")
+    parser.add_argument("--captions-per-slide", type=int, default=6, help="stage-1 captions per train slide")
     parser.add_argument("--mc-per-slide", type=int, default=12, help="multiple-choice questions per train slide")
-    parser.add_argument("--open-per-slide", type=int, default=2)
-    parser.add_argument("--test-questions-per-slide", type=int, default=4)
+    parser.add_argument("--open-per-slide", type=int, default=2, help="open questions per train slide")
+    parser.add_argument("--test-questions-per-slide", type=int, default=4,
+                        help="benchmark questions per held-out slide")
     args = parser.parse_args(argv)
     paths = make_demo_instructions(args.labels, args.out, args.seed, args.captions_per_slide, args.mc_per_slide,
                                    args.open_per_slide, args.test_questions_per_slide)

@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterable
 
 from preprocessing.stores import FeatureStoreIndex, read_slide_map
 from wsicore.cli import command_parser
+from wsicore.errors import InputError
 from wsicore.files import write_json
+from wsicore.progress import Progress
 from wsicore.settings import add_arguments, from_arguments, setting
 from slidechat.benchmarks_io import (
     DEFAULT_CAPTION_PROMPT,
@@ -69,18 +71,42 @@ def build_question(item: BenchItem, settings: EvalSettings) -> str:
 # ------------------------------------------------------------------------------------------ feature stores
 
 
-def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None):
-    """Features of one store as a float tensor (N, D) on `device`."""
+def check_feature_width(store: str | os.PathLike, features: Any, attrs: dict, expected: int | None) -> None:
+    """A store whose features the model cannot take (another encoder's width) is refused, naming the slide."""
+    from preprocessing.stores import StoreError, slide_id_of_store
+
+    width = features.shape[1] if features.ndim == 2 else None
+    if expected is not None and len(features) and width != expected:
+        raise StoreError(f"slide {attrs.get('slide_id') or slide_id_of_store(Path(store))}: its store {store} holds "
+                         f"{width}-d features (encoder {attrs.get('encoder', 'unknown')}), but the model takes "
+                         f"{expected}-d features; extract the slide's features with the encoder the model was "
+                         "trained on")
+
+
+def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None, expected_dim: int | None = None):
+    """Features of one store as a float tensor (N, D) on `device`; D must be `expected_dim` when given."""
     import torch
 
     from preprocessing.stores import load_features
 
     fs = load_features(store)
+    check_feature_width(store, fs.features, fs.attrs, expected_dim)
     t = torch.from_numpy(fs.features)
     return t.to(device=device, dtype=dtype or torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ model
+
+
+def check_model_paths(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None) -> None:
+    """The model path holds a model and the LLM path an LLM (checked before slow work; nothing is read)."""
+    from slidechat.checkpoint import model_layout
+
+    model_layout(model_dir)
+    if llm is not None and not Path(llm).is_dir():
+        raise InputError(f"LLM directory not found: {llm} (option --llm)")
+    if llm is not None and not (Path(llm) / "config.json").is_file():
+        raise InputError(f"{llm}: not a Hugging Face model directory (no config.json) (option --llm)")
 
 
 def load_model_on(model_dir: str | os.PathLike, llm: str | os.PathLike | None = None, device: str | None = None,
@@ -90,10 +116,7 @@ def load_model_on(model_dir: str | os.PathLike, llm: str | os.PathLike | None = 
 
     from slidechat.checkpoint import load_model
 
-    if not Path(model_dir).exists():
-        raise FileNotFoundError(f"model not found: {model_dir} (option --model / --checkpoint)")
-    if llm is not None and not Path(llm).exists():
-        raise FileNotFoundError(f"LLM directory not found: {llm} (option --llm)")
+    check_model_paths(model_dir, llm)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = load_model(str(model_dir), llm=str(llm) if llm else None, torch_dtype=torch_dtype)
@@ -137,7 +160,8 @@ def _generate(model, features, questions: list[str], visual_embeds, settings: Ev
 def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, settings: EvalSettings,
                            log: Callable[[str], None] | None = print,
                            done: dict[str, dict[str, Any]] | None = None,
-                           on_slide_done: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> GenerationResult:
+                           on_slide_done: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+                           progress: Progress | None = None) -> GenerationResult:
     """Answer every item of `bench`; slides without a feature store, or whose store holds no patches (no
     tissue), are skipped and listed.
 
@@ -145,7 +169,8 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
     projected tokens are passed as ``visual_embeds`` to batched ``generate`` calls; otherwise every question
     re-encodes its slide (the slow reference path measured by ``benchmarks/bench_eval_reuse.py``).
     `done` holds answers from an interrupted run (their questions are not asked again); `on_slide_done`
-    receives each slide's new answers as soon as they exist (for the resumable partial file).
+    receives each slide's new answers as soon as they exist (for the resumable partial file); `progress`
+    counts the questions answered (a line per slide instead of the log's).
     """
     import torch
 
@@ -168,7 +193,7 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
             continue
         store = finder.find(slide_id)
         t0 = time.perf_counter()
-        feats = load_slide_tensor(store, device, dtype) if store is not None else None
+        feats = load_slide_tensor(store, device, dtype, model.config.feature_dim) if store is not None else None
         t1 = time.perf_counter()
         if feats is None or feats.shape[0] == 0:
             status = "no_features" if feats is None else "no_patches"
@@ -180,6 +205,8 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
             if log:
                 why = "no feature store" if feats is None else f"{store} holds no patches"
                 log(f"[{k + 1}/{len(by_slide)}] {slide_id}: {why}, {len(items)} question(s) skipped")
+            if progress:
+                progress.update(len(items), slide=slide_id, skipped=status)
             continue
         t_load += t1 - t0
         visual = None
@@ -204,7 +231,9 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
         n_new += len(items)
         if on_slide_done:
             on_slide_done({it.qid: outputs[it.qid] for it in items})
-        if log:
+        if progress:
+            progress.update(len(items), slide=slide_id, patches=int(feats.shape[0]))
+        elif log:
             log(f"[{k + 1}/{len(by_slide)}] {slide_id}: {feats.shape[0]} patches, {len(items)} question(s)")
     busy = t_load + t_enc + t_gen
     timing = {"load_s": t_load, "encode_s": t_enc, "generate_s": t_gen,
@@ -246,7 +275,11 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
                 fh.write(json.dumps({"qid": q, **v}) + "\n")
 
     t0 = time.perf_counter()
-    gen = generate_for_benchmark(model, bench, finder, settings, log=log, done=done, on_slide_done=append)
+    n_done = sum(it.qid in done for it in bench.items)
+    with Progress(len(bench.items), f"evaluation {bench.name}", "question", initial=n_done,
+                  enabled=log is not None) as progress:
+        gen = generate_for_benchmark(model, bench, finder, settings, log=log, done=done, on_slide_done=append,
+                                     progress=progress)
     wall = time.perf_counter() - t0
     write_outputs_csv(out / "outputs.csv", bench, gen.outputs, extra_columns=OUTPUT_EXTRA_COLUMNS)
     raw = {q: (v["Output"] if v.get("Status") == "ok" else None) for q, v in gen.outputs.items()}

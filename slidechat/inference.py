@@ -1,9 +1,9 @@
 """One-command inference on a new slide: segmentation -> tiling -> feature extraction -> SlideChat.
 
-``slidechat ask --slide S.svs --question "..." [--checkpoint DIR] [--llm DIR]`` prints the answer;
+``slidechat ask --slide S.svs --question "..." [--model DIR] [--llm DIR]`` prints the answer;
 ``slidechat chat --slide S.svs ...`` keeps a multi-turn conversation on stdin/stdout (the slide is encoded
-once). Intermediate outputs are cached per slide in ``--work-dir`` (default
-``~/.cache/wsi-slidechat/<slide_id>/``) and reused: the tissue mask, the patch coordinates and the feature
+once; /reset starts over, /exit or Ctrl-D leaves). Intermediate outputs are cached per slide in ``--work-dir``
+(default ``~/.cache/wsi-slidechat/<slide_id>/``) and reused: the tissue mask, the patch coordinates and the feature
 store (the extractor itself checks that a store matches the encoder and coordinates).
 
 The patch encoder comes from ``--encoder`` / ``--encoder-checkpoint`` / ``--transform``; when not given, the
@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from slidechat.model_card import demo_notice
 from slidechat.template import IMAGE_TOKEN
-from wsicore.files import write_json
+from wsicore.cli import command_parser
+from wsicore.errors import InputError, UsageError
+from wsicore.files import input_file, write_json
 
 DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
-CHECKPOINT_ENV = "SLIDECHAT_CHECKPOINT"
+MODEL_ENV = "SLIDECHAT_MODEL"  # the default of --model (SLIDECHAT_CHECKPOINT, its earlier name, is read too)
 
 
 @dataclass
@@ -98,7 +101,10 @@ def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:
     source = {"path": str(slide.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     marker = base / "source.json"
     if marker.exists():
-        old = json.loads(marker.read_text())
+        try:
+            old = json.loads(marker.read_text())
+        except ValueError:  # cut by a crash: treat as another slide
+            old = None
         if old != source:  # another file under the same name (or the slide changed): start a fresh cache
             import shutil
 
@@ -117,9 +123,7 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
     from preprocessing.tiling import load_coords, tile_slide
     from preprocessing.tissue import segment_slide, segmentation_paths
 
-    slide = Path(slide)
-    if not slide.exists():
-        raise FileNotFoundError(f"slide not found: {slide} (option --slide)")
+    slide = input_file(slide, "slide", "--slide")
     cache = _slide_cache_dir(slide, work_dir)
     seg_dir = cache / "segmentation"
     if not segmentation_paths(seg_dir, slide.stem)["mask"].exists():
@@ -134,8 +138,8 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
                             seg_dir=seg_dir)
     xy, attrs = load_coords(coords)
     if len(xy) == 0:
-        raise RuntimeError(f"slide {slide.name}: no tissue patches found (status {attrs.get('status')!r}); "
-                           "nothing to ask about")
+        raise InputError(f"slide {slide.name}: no tissue patches found (status {attrs.get('status')!r}); nothing "
+                         f"to ask about (see the tissue contours in {seg_dir}; --preset or --mpp may help)")
     feat_dir = cache / f"features-{settings.encoder.replace(':', '_')}-{tile_dir.name.removeprefix('tiles-')}"
     log(f"features ({settings.encoder}, {len(xy)} patches) ...")
     return extract_slide(slide, coords, feat_dir, encoder=settings.encoder, checkpoint=settings.encoder_checkpoint,
@@ -144,55 +148,66 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
 
 
 def _feature_settings(a: argparse.Namespace) -> FeatureSettings:
-    recorded = model_feature_config(a.checkpoint)
+    recorded = model_feature_config(a.model)
     encoder = a.encoder or recorded.get("feature_encoder") or "conch_v1"
     fs = FeatureSettings(
         encoder=encoder, encoder_checkpoint=a.encoder_checkpoint,
         transform=a.transform or recorded.get("feature_transform"),
         target_mpp=a.target_mpp or float(recorded.get("feature_target_mpp", 0.5)),
         patch_size=a.patch_size or int(recorded.get("feature_patch_size", 224)),
-        seg_preset=a.seg_preset, batch_size=a.extract_batch_size, num_workers=a.num_workers,
+        seg_preset=a.preset, batch_size=a.extract_batch_size, num_workers=a.num_workers,
     )
     if fs.encoder == "conch_v1" and not fs.encoder_checkpoint and not a.features:
-        raise SystemExit("slidechat: the conch_v1 patch encoder needs local weights: pass --encoder-checkpoint "
-                         "PATH (pytorch_model.bin of CONCH), or --encoder conch_tiny for the demo model")
+        raise UsageError("the conch_v1 patch encoder needs local weights: pass --encoder-checkpoint PATH "
+                         "(pytorch_model.bin of CONCH), or --encoder conch_tiny for the demo model")
     return fs
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from preprocessing.tissue import PRESETS
     from slidechat.evaluate import add_generation_arguments
 
     p.add_argument("--slide", required=True, help="whole-slide image (any format OpenSlide reads)")
-    p.add_argument("--checkpoint", default=os.environ.get(CHECKPOINT_ENV),
-                   help=f"model directory (ours, released SlideChat weights or xtuner layout); default ${CHECKPOINT_ENV}")
-    p.add_argument("--llm", default=None, help="local LLM directory when the checkpoint does not contain it")
+    model_default = os.environ.get(MODEL_ENV) or os.environ.get("SLIDECHAT_CHECKPOINT")
+    p.add_argument("--model", default=model_default,
+                   help=f"model directory (ours, released SlideChat weights or xtuner layout); default: ${MODEL_ENV}")
+    p.add_argument("--checkpoint", dest="model", help=argparse.SUPPRESS)  # the earlier name of --model
+    p.add_argument("--llm", default=None, help="local LLM directory when the model directory does not contain it")
     p.add_argument("--encoder", default=None, help="patch encoder (default: recorded in the model dir, else conch_v1)")
     p.add_argument("--encoder-checkpoint", default=None, help="patch encoder weights (required for conch_v1)")
     p.add_argument("--transform", default=None, help="patch transform (default: the encoder's/model's own)")
-    p.add_argument("--target-mpp", type=float, default=None, help="patch resolution in µm/px (default 0.5)")
-    p.add_argument("--patch-size", type=int, default=None, help="patch size in px at target mpp (default 224)")
-    p.add_argument("--seg-preset", default=None, help="tissue segmentation preset")
+    p.add_argument("--target-mpp", type=float, default=None,
+                   help="patch resolution in µm/px (default: recorded in the model dir, else 0.5)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="patch size in px at --target-mpp (default: recorded in the model dir, else 224)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="segmentation and tiling preset, as `python -m preprocessing tile --preset` (default: ours)")
+    p.add_argument("--seg-preset", dest="preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)  # earlier name
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for slides that do not record it")
     p.add_argument("--work-dir", default=None, help="cache folder (default ~/.cache/wsi-slidechat/<slide_id>/)")
     p.add_argument("--features", default=None, help="use this feature store instead of preprocessing the slide")
-    p.add_argument("--extract-batch-size", type=int, default=64)
+    p.add_argument("--extract-batch-size", type=int, default=64, help="patches per encoder forward pass")
     p.add_argument("--num-workers", type=int, default=0, help="patch reader processes (0: in this process)")
     add_generation_arguments(p)
 
 
 def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     """(model, features tensor) for the parsed arguments."""
-    from slidechat.evaluate import load_model_on, load_slide_tensor, model_device_dtype
+    from slidechat.evaluate import check_model_paths, load_model_on, load_slide_tensor, model_device_dtype
 
-    if not a.checkpoint:
-        raise SystemExit(f"slidechat: no model given: pass --checkpoint DIR (or set ${CHECKPOINT_ENV})")
-    if not Path(a.checkpoint).exists():  # fail before the (slow) preprocessing
-        raise FileNotFoundError(f"model not found: {a.checkpoint} (option --checkpoint)")
+    if not a.model:
+        raise UsageError(f"no model given: pass --model DIR (or set ${MODEL_ENV})")
+    check_model_paths(a.model, a.llm)  # a path that holds no model fails before the (slow) preprocessing
+    if a.features and not Path(a.features).exists():
+        raise InputError(f"feature store not found: {a.features} (option --features)")
     fs = _feature_settings(a)
+    notice = demo_notice(a.model)
+    if notice:
+        log(notice)
     store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
-    model = load_model_on(a.checkpoint, a.llm, a.device, a.dtype)
+    model = load_model_on(a.model, a.llm, a.device, a.dtype)
     device, dtype = model_device_dtype(model)
-    return model, load_slide_tensor(store, device, dtype)
+    return model, load_slide_tensor(store, device, dtype, expected_dim=model.config.feature_dim)
 
 
 def _first_turn(question: str) -> str:
@@ -201,8 +216,8 @@ def _first_turn(question: str) -> str:
 
 def ask_main(argv: list[str]) -> int:
     """`slidechat ask --slide S --question Q [Q ...]`: answers printed one per question."""
-    p = argparse.ArgumentParser(prog="slidechat ask", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("slidechat ask", __doc__,
+                       'slidechat ask --slide new.svs --model results/models/stage2 --question "What is the diagnosis?"')
     p.add_argument("--question", required=True, nargs="+", help="question(s) about the slide (answered in a batch)")
     _add_common(p)
     a = p.parse_args(argv)
@@ -223,8 +238,14 @@ def ask_main(argv: list[str]) -> int:
     return 0
 
 
+EXIT_WORDS = {"/exit", "/quit", "exit", "quit", ":q"}
+RESET_WORDS = {"/reset", "reset", ":reset"}
+CHAT_HELP = "Type a question and press Enter. /reset starts a new conversation; /exit or Ctrl-D leaves."
+
+
 def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """Read questions line by line until EOF / ``exit``; the slide is encoded once, the history grows."""
+    """Read questions line by line until EOF (Ctrl-D) or /exit; /reset forgets the conversation. The slide is
+    encoded once, the history grows. Returns the number of questions answered."""
     import torch
 
     with torch.inference_mode():
@@ -236,15 +257,20 @@ def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdo
         stdout.flush()
         line = stdin.readline()
         if not line:
+            stdout.write("\n")
             break
         q = line.strip()
         if not q:
             continue
-        if q.lower() in {"exit", "quit", ":q"}:
+        if q.lower() in EXIT_WORDS:
             break
-        if q.lower() in {"reset", ":reset"}:
+        if q.lower() in RESET_WORDS:
             history = []
-            stdout.write("(conversation reset)\n")
+            stdout.write("(conversation reset: the next question starts afresh)\n")
+            continue
+        if q.startswith("/"):  # /help, or a command mistyped
+            known = q.lower() == "/help"
+            stdout.write(f"({'' if known else f'unknown command {q.split()[0]}; '}{CHAT_HELP})\n")
             continue
         turn = _first_turn(q) if not history else q
         with torch.inference_mode():
@@ -258,11 +284,12 @@ def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdo
 
 
 def chat_main(argv: list[str]) -> int:
-    """`slidechat chat --slide S`: multi-turn conversation on stdin/stdout (`exit` to leave, `reset`)."""
-    p = argparse.ArgumentParser(prog="slidechat chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`slidechat chat --slide S`: multi-turn conversation on stdin/stdout (/exit or Ctrl-D to leave, /reset)."""
+    p = command_parser("slidechat chat", __doc__ + "\nIn the chat: " + CHAT_HELP,
+                       "slidechat chat --slide new.svs --model results/models/stage2")
     _add_common(p)
     a = p.parse_args(argv)
     model, feats = _load(a, lambda s: print(s, file=sys.stderr))
+    print(f"Chatting about {Path(a.slide).name} ({len(feats)} patches) with {a.model}.\n{CHAT_HELP}", flush=True)
     chat_loop(model, feats, a.max_new_tokens)
     return 0

@@ -20,7 +20,7 @@ features, fails and names the slides. A leakage guard removes every slide (or, w
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
 import re
 from collections import Counter
@@ -31,10 +31,11 @@ from typing import Any, Iterable
 
 from preprocessing.stores import FeatureStoreIndex, StoreError, count_patches, read_slide_map, slide_key
 from slidechat.benchmarks_io import benchmark_slide_ids
+from slidechat.model_card import SYNTHETIC_KEY
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
-from wsicore.files import sha256_file, write_json
+from wsicore.files import read_json, sha256_file, write_json
 from wsicore.settings import add_arguments, from_arguments, setting
 
 
@@ -187,15 +188,14 @@ def assemble(
             continue
         out = {"id": rid, "image": [image], "slide_id": slide_id, "features": str(store)}
         out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in rec["conversations"]]
+        if rec.get(SYNTHETIC_KEY) is True:  # the demo's mark travels on, into the model card
+            out[SYNTHETIC_KEY] = True
         report.kept.append(out)
     return report
 
 
 def _read_records(path: str | os.PathLike) -> list[Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable JSON file ({exc}) (option --input)") from exc
+    data = read_json(path, "SlideInstruction JSON", "--input")
     if isinstance(data, dict):  # tolerate {"data": [...]} wrappers
         data = data.get("data", data.get("samples"))
     if not isinstance(data, list):
@@ -252,9 +252,14 @@ def build_instructions(
     bench_ids: set[str] = set()
     bench_info = []
     for b in exclude_benchmarks:
-        ids = benchmark_slide_ids(b)
+        if not Path(b).exists():
+            raise InputError(f"benchmark to exclude not found: {b} (option --exclude-benchmark)")
+        try:
+            ids = benchmark_slide_ids(b)
+        except InputError as exc:
+            raise InputError(f"{exc} (option --exclude-benchmark)") from exc
         bench_ids |= ids
-        bench_info.append({"path": str(b), "sha256": sha256_file(b), "slides": len(ids)})
+        bench_info.append({"path": str(b), "sha256": _sha256(b), "slides": len(ids)})
     index = FeatureStoreIndex(features_dir, read_slide_map(slide_map) if slide_map else None)
     report = assemble(records, index, bench_ids, settings.leakage_level)
     out = Path(out)
@@ -282,6 +287,15 @@ def build_instructions(
     }
     write_json(manifest_path(out), manifest)
     return manifest
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a WSI-Bench folder: of its JSON files' names and hashes."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    listing = "".join(f"{f.name}\t{sha256_file(f)}\n" for f in sorted(path.glob("*.json")))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def manifest_path(out: str | os.PathLike) -> Path:

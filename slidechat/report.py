@@ -3,15 +3,15 @@ bar chart ``category_accuracy.png`` (accuracy beside the answer-prior baselines)
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from wsicore.files import atomic_path, write_text
+from wsicore.cli import command_parser
+from wsicore.errors import InputError
+from wsicore.files import atomic_path, read_json, write_text
 
 
 def _pct(x: float | None) -> str:
@@ -182,7 +182,10 @@ def _md_to_html(md: str, png_b64: str | None, png_name: str) -> str:
 def write_report(metrics: dict[str, Any] | str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``category_accuracy.png`` into `out_dir`; returns their paths."""
     if not isinstance(metrics, dict):
-        metrics = json.loads(Path(metrics).read_text())
+        path = metrics
+        metrics = read_json(path, "metrics.json of `slidechat evaluate` or `score`", "--metrics")
+        if not isinstance(metrics, dict) or "benchmark" not in metrics:
+            raise InputError(f"{path}: not a metrics.json written by `slidechat evaluate` or `score` (option --metrics)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_category_accuracy(metrics, out / "category_accuracy.png")
@@ -195,7 +198,7 @@ def write_report(metrics: dict[str, Any] | str | os.PathLike, out_dir: str | os.
 
 def main(argv: list[str]) -> int:
     """`slidechat report --metrics metrics.json --out-dir DIR`."""
-    p = argparse.ArgumentParser(prog="slidechat report", description=__doc__)
+    p = command_parser("slidechat report", __doc__, "slidechat report --metrics results/eval/demo_slidebench/metrics.json")
     p.add_argument("--metrics", required=True, help="metrics.json written by `slidechat evaluate` or `score`")
     p.add_argument("--out-dir", default=None, help="where to write the report (default: beside metrics.json)")
     a = p.parse_args(argv)

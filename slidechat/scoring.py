@@ -8,9 +8,7 @@ percentage points. Caption metrics are on a 0-100 scale (as usually reported).
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import re
 import sys
@@ -31,7 +29,9 @@ from slidechat.benchmarks_io import (
     read_outputs_csv,
     skipped_in_outputs,
 )
-from wsicore.files import write_json
+from wsicore.cli import command_parser
+from wsicore.errors import UsageError
+from wsicore.files import read_json, write_json
 
 # ------------------------------------------------------------------------------------- letter extractor
 
@@ -349,7 +349,7 @@ def score_open(bench: Benchmark | Sequence[BenchItem], raw_outputs: dict[str, st
 def training_slide_ids(path: str | os.PathLike) -> set[str]:
     """Slide ids used for training, from a `build-instructions` manifest (its `output` JSON) or a training JSON."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = read_json(path, "training manifest or training JSON", "--train-manifest")
     if isinstance(data, dict) and "output" in data:  # our manifest: the kept records are in `output`
         out = Path(data["output"])
         if not out.exists():
@@ -357,7 +357,7 @@ def training_slide_ids(path: str | os.PathLike) -> set[str]:
         if not out.exists():
             raise BenchmarkFormatError(f"{path}: training JSON named by the manifest not found: {data['output']}")
         path = out
-        data = json.loads(out.read_text())
+        data = read_json(out, "training JSON", "--train-manifest")
     ids = set()
     if isinstance(data, list):
         ids = {r["slide_id"] for r in data if isinstance(r, dict) and r.get("slide_id")}
@@ -452,19 +452,29 @@ def load_judge(spec: str | None) -> Callable[[str, str], float] | None:
     if not spec:
         return None
     mod, _, fn = spec.partition(":")
-    if not fn:
-        raise ValueError(f"--judge must be module:function, got {spec!r}")
-    return getattr(importlib.import_module(mod), fn)
+    if not mod or not fn:
+        raise UsageError(f"--judge must be module:function, got {spec!r}")
+    try:
+        judge = getattr(importlib.import_module(mod), fn)
+    except ImportError as exc:
+        raise UsageError(f"--judge {spec}: cannot import module {mod!r} ({exc}); is it on PYTHONPATH?") from exc
+    except AttributeError:
+        raise UsageError(f"--judge {spec}: module {mod!r} has no function {fn!r}") from None
+    if not callable(judge):
+        raise UsageError(f"--judge {spec}: {fn!r} is not a function")
+    return judge
 
 
 def main(argv: list[str]) -> int:
     """`slidechat score --benchmark FILE --outputs OUTPUT.csv --out metrics.json`."""
-    p = argparse.ArgumentParser(prog="slidechat score", description="Score an outputs CSV against a benchmark "
-                                "(also outputs of the original SlideChat test tool).")
+    p = command_parser("slidechat score", "Score an outputs CSV against a benchmark (also outputs of the original "
+                       "SlideChat test tool): accuracy with a bootstrap CI, per category, baselines, leakage check.",
+                       "slidechat score --benchmark SlideBench-VQA-TCGA.csv --outputs outputs.csv --out metrics.json")
     p.add_argument("--benchmark", required=True, help="SlideBench CSV/JSON, WSI-Bench JSON/folder or caption CSV")
     p.add_argument("--outputs", required=True, help="CSV with the question ID (or rows in benchmark order) and Output")
     p.add_argument("--out", required=True, help="metrics.json to write")
-    p.add_argument("--train-manifest", nargs="*", default=[], help="training manifest(s)/JSON(s) for the leakage check")
+    p.add_argument("--train-manifest", nargs="*", default=[], metavar="FILE",
+                   help="training manifest(s)/JSON(s) for the leakage check")
     p.add_argument("--judge", default=None, help="optional LLM-as-judge hook module:function(reference, hypothesis)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CI")
     a = p.parse_args(argv)

@@ -14,13 +14,14 @@ the template minimal).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from wsicore.files import atomic_path
+from wsicore.cli import command_parser
+from wsicore.errors import InputError, UsageError
+from wsicore.files import atomic_path, input_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -130,21 +131,24 @@ def build_tiny_llm(
 
 def main(argv: list[str]) -> int:
     """`slidechat make-tiny-llm --out DIR --corpus FILE [FILE ...]`."""
-    p = argparse.ArgumentParser(prog="slidechat make-tiny-llm", description=__doc__.splitlines()[0])
+    p = command_parser("slidechat make-tiny-llm", __doc__.splitlines()[0],
+                       "slidechat make-tiny-llm --out demo/tiny_llm --corpus demo/instructions/corpus.txt")
     p.add_argument("--out", required=True, help="output directory (HF model + tokenizer)")
     p.add_argument("--corpus", nargs="+", required=True, help="text files for the tokenizer (one text per line)")
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
+    p.add_argument("--hidden-size", type=int, default=64, help="width of the Qwen2 layers")
+    p.add_argument("--num-layers", type=int, default=2, help="transformer layers")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads (must divide --hidden-size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = p.parse_args(argv)
+    if a.hidden_size % a.num_heads:
+        raise UsageError(f"--num-heads {a.num_heads} does not divide --hidden-size {a.hidden_size}")
     texts: list[str] = []
     for f in a.corpus:
-        path = Path(f)
-        if not path.is_file():
-            p.error(f"--corpus file not found: {path}")
+        path = input_file(f, "corpus text file", "--corpus")
         texts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not texts:
+        raise InputError(f"the --corpus file(s) {', '.join(a.corpus)} hold no text to train the tokenizer on")
     out = build_tiny_llm(a.out, texts, a.vocab_size, a.hidden_size, a.num_layers, a.num_heads, a.seed)
     print(out)
     return 0

@@ -1,7 +1,7 @@
 """Two-stage SlideChat training: a plain PyTorch loop for one process, DeepSpeed ZeRO under a launcher.
 
 Stage 1 (cross-domain alignment): the LLM is frozen, the slide encoder and projector learn from captions.
-Stage 2 (visual instruction learning): starts from stage 1 (`--init`); slide encoder, projector and LLM are
+Stage 2 (visual instruction learning): starts from stage 1 (`--model`); slide encoder, projector and LLM are
 all trained (or LoRA adapters on the LLM with `--lora`).
 
 Checkpoints (trainable weights, optimizer, scheduler, data position, RNG states) go to `--work-dir`, which
@@ -39,9 +39,10 @@ import torch
 from torch import nn
 
 from wsicore.cli import command_parser
-from wsicore.files import atomic_path, jsonable, write_json
+from wsicore.files import atomic_path, input_file, jsonable, read_json, write_json
+from wsicore.progress import Progress
 from wsicore.settings import add_arguments, from_arguments, setting
-from wsicore.errors import UserError, EXIT_DIVERGED
+from wsicore.errors import EXIT_DIVERGED, ConfigError, InputError, UsageError, UserError
 from wsicore.torchfile import read_torch_file
 
 # Issue defaults; configs/train_stage{1,2}.yaml hold the same values.
@@ -74,7 +75,8 @@ class TrainConfig:
     work_dir: str = setting("", config=False, help="checkpoints and logs (outside the declared outputs)")
     features_dir: str | None = setting(None, config=False, help="folder of the feature stores")
     llm: str | None = setting(None, config=False, help="local Hugging Face LLM directory")
-    init: str | None = setting(None, config=False, help="stage 2: the stage-1 model directory")
+    init: str | None = setting(None, config=False, flag="--model", aliases=("--init",),
+                               help="the model directory to start from (stage 2: the stage-1 model)")
     # The schedule; None = the stage's default (STAGE_DEFAULTS).
     lr: float | None = setting(None, minimum=0, help="peak learning rate; null = 1e-3 (stage 1), 2e-5 (stage 2)")
     epochs: int | None = setting(None, minimum=1, help="passes over the data; null = 3 (stage 1), 1 (stage 2)")
@@ -119,26 +121,26 @@ class TrainConfig:
         """Fill stage defaults and check what is required, naming the option at fault."""
         c = dataclasses.replace(self)
         if c.stage not in (1, 2):
-            raise ValueError(f"--stage must be 1 or 2, got {c.stage}")
+            raise UsageError(f"--stage must be 1 or 2, got {c.stage}")
         for k, v in STAGE_DEFAULTS[c.stage].items():
             if getattr(c, k) is None:
                 setattr(c, k, v)
         for name in ("data", "out", "work_dir"):
             if not getattr(c, name):
-                raise ValueError(f"--{name.replace('_', '-')} is required")
-        if not Path(c.data).is_file():
-            raise FileNotFoundError(f"training data not found: {c.data} (option --data)")
+                raise UsageError(f"--{name.replace('_', '-')} is required")
+        input_file(c.data, "training JSON (from `slidechat build-instructions`)", "--data")
         if c.stage == 1 and not c.llm and not c.init:
-            raise ValueError("stage 1 needs --llm (a local Hugging Face LLM directory)")
+            raise UsageError("stage 1 needs --llm (a local Hugging Face LLM directory)")
         if c.stage == 2 and not c.init:
-            raise ValueError("stage 2 needs --init (the stage-1 model directory)")
-        for name in ("llm", "init", "features_dir", "deepspeed"):
+            raise UsageError("stage 2 needs --model (the stage-1 model directory)")
+        for name, flag in (("llm", "--llm"), ("init", "--model"), ("features_dir", "--features-dir"),
+                           ("deepspeed", "--deepspeed")):
             p = getattr(c, name)
             if p and not Path(p).exists():
-                raise FileNotFoundError(f"{p} not found (option --{name.replace('_', '-')})")
+                raise InputError(f"{p} not found (option {flag})")
         if c.load_in_4bit:
             if c.stage != 1:
-                raise ValueError("--load-in-4bit is for stage 1, where the LLM is frozen")
+                raise UsageError("--load-in-4bit is for stage 1, where the LLM is frozen")
             if not torch.cuda.is_available():
                 raise TrainSetupError("--load-in-4bit (bitsandbytes NF4) needs a CUDA GPU; this machine has none")
         c.betas = tuple(c.betas)  # type: ignore[assignment]
@@ -156,8 +158,9 @@ class InstructionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[dict], tokenizer: Any, features_dir: str | None = None,
-                 max_length: int | None = None, cache_bytes: int = 1 << 30) -> None:
+                 max_length: int | None = None, cache_bytes: int = 1 << 30, feature_dim: int | None = None) -> None:
         self.records = records
+        self.feature_dim = feature_dim  # the model's: a store of another width is refused, naming the slide
         self.tokenizer = tokenizer
         self.features_dir = Path(features_dir) if features_dir else None
         self.max_length = max_length
@@ -167,9 +170,16 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[Path, torch.Tensor] = OrderedDict()
 
-    @classmethod
-    def from_json(cls, path: str | os.PathLike, tokenizer: Any, **kw: Any) -> "InstructionDataset":
-        return cls(json.loads(Path(path).read_text()), tokenizer, **kw)
+    @staticmethod
+    def read_records(path: str | os.PathLike) -> list[dict]:
+        """The records of a training JSON; one that is not a non-empty list of records is refused, naming it."""
+        what = "training JSON (from `slidechat build-instructions`)"
+        records = read_json(path, what, "--data")
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise InputError(f"{path}: not a {what}: expected a list of records (option --data)")
+        if not records:
+            raise InputError(f"{path} holds no training records (option --data)")
+        return records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -193,12 +203,15 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def load_features(self, rec: dict) -> torch.Tensor:
         from preprocessing.stores import load_features
+        from slidechat.evaluate import check_feature_width
 
         path = self.store_path(rec)
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        x = torch.from_numpy(np.ascontiguousarray(load_features(path).features, np.float32))
+        fs = load_features(path)
+        check_feature_width(path, fs.features, fs.attrs, self.feature_dim)
+        x = torch.from_numpy(np.ascontiguousarray(fs.features, np.float32))
         self._cache[path] = x
         while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
             self._cache.popitem(last=False)
@@ -310,11 +323,14 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         model_kw = dict(cfg.model)
         if cfg.max_patches is not None:
             model_kw["max_patches_train"] = cfg.max_patches
-        mcfg = SlideChatConfig(**model_kw)
+        try:
+            mcfg = SlideChatConfig(**model_kw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model settings (config section `model`, option --model-config): {exc}") from exc
         model = _load_4bit_model(cfg, mcfg) if cfg.load_in_4bit else new_model(cfg.llm, mcfg)
     else:
         model = load_model(cfg.init, llm=cfg.llm)
-        for k, v in cfg.model.items():  # the architecture comes from --init; only say when flags disagree
+        for k, v in cfg.model.items():  # the architecture comes from --model; only say when flags disagree
             if k in ("context", "bypass_slide_encoder") and getattr(model.config, k) != v:
                 _note(f"{k}={getattr(model.config, k)!r} from {cfg.init} kept (flag asked {v!r})")
         if cfg.max_patches is not None:
@@ -634,15 +650,15 @@ def setup(cfg: TrainConfig) -> Run:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    records = InstructionDataset.read_records(cfg.data)  # a bad file fails before the (slow) model load
     model = build_model(cfg)
     set_parameter_dtypes(model, bf16, deepspeed=use_ds)
     if cfg.max_patches is None:
         cfg.max_patches = model.config.max_patches_train
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length)
-    if len(data) == 0:
-        raise ValueError(f"{cfg.data} holds no training records")
+    data = InstructionDataset(records, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length,
+                              feature_dim=model.config.feature_dim)
     pad = epoch_padding(len(data), cfg.batch_size, world)
     if pad:
         _note(f"{math.ceil(len(data) / cfg.batch_size)} micro-batches per epoch do not split evenly over {world} "
@@ -770,6 +786,7 @@ def run_steps(run: Run, start_step: int) -> bool:
         generator=torch.Generator().manual_seed(cfg.seed)))  # own generator: the global RNG stays as checkpointed
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16)
     log = TrainLog(work_dir, start_step, enabled=run.rank == 0)
+    progress = Progress(run.total_steps, f"stage {cfg.stage}", "step", initial=start_step, enabled=run.rank == 0)
     state = {"fingerprint": run.fingerprint, "total_steps": run.total_steps, "config": jsonable(cfg),
              "world_size": run.world}
     run.model.train()
@@ -798,6 +815,9 @@ def run_steps(run: Run, start_step: int) -> bool:
             if step % cfg.log_steps == 0 or step == run.total_steps:
                 log.log({"step": step, "loss": loss_sum / n_micro, "lr": lr, "tokens_per_s": tokens / dt,
                          "patches_per_s": patches / dt, "grad_norm": grad_norm})
+                progress.update(1, loss=loss_sum / n_micro, lr=f"{lr:.3g}", **{"tokens/s": tokens / dt})
+            else:
+                progress.update(1)
             stopping = cfg.stop_after_step is not None and step >= cfg.stop_after_step
             if step % cfg.save_steps == 0 or step == run.total_steps or stopping:
                 _save(run, step, state)
@@ -807,6 +827,7 @@ def run_steps(run: Run, start_step: int) -> bool:
                 return False
     finally:
         log.close()
+        progress.close()
     return True
 
 
@@ -885,7 +906,10 @@ def write_final(run: Run) -> None:
     """The declared output: model + training log + curves, renamed into place in one go (rank 0 writes)."""
     from safetensors.torch import save_file
 
+    from preprocessing.stores import read_store_attrs
+    from slidechat import __version__
     from slidechat.checkpoint import VISUAL_WEIGHTS_FILE, save_model
+    from slidechat.model_card import training_card, write_model_card
     from slidechat.plots import plot_training_curves
 
     cfg, model = run.cfg, run.model
@@ -907,6 +931,10 @@ def write_final(run: Run) -> None:
                 shutil.copy(run.work_dir / "train_log.csv", tmp / "train_log.csv")
                 plot_training_curves(tmp / "train_log.csv", tmp / "training_curves.png", title=f"stage {cfg.stage}")
                 write_json(tmp / "training_config.json", jsonable(cfg))
+                write_model_card(tmp, training_card(
+                    cfg.stage, cfg.data, run.data.records, jsonable(cfg), run.total_steps,
+                    base_llm=cfg.llm or model.llm_source, started_from=cfg.init, software=f"slidechat {__version__}",
+                    store_attrs=read_store_attrs(run.data.store_path(run.data.records[0]))))
                 if cfg.curves:
                     with atomic_path(cfg.curves) as png:
                         shutil.copy(tmp / "training_curves.png", png)
@@ -992,11 +1020,20 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     """A train_stage*.yaml: TrainConfig fields (unknown keys are an error naming them)."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(input_file(path, "training YAML", "--config").read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({where}{getattr(exc, 'problem', None) or exc}) "
+                          "(option --config)") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of training options (option --config)")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown training option(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"{path}: unknown training option(s) {unknown}; the options are the flags of "
+                          "`slidechat train --help`, with _ for - (option --config)")
     return data
 
 
@@ -1029,34 +1066,33 @@ def config_from_args(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     values: dict[str, Any] = load_yaml_config(ns.config) if getattr(ns, "config", None) else {}
     model = {**values.get("model", {}), **{k: getattr(ns, k) for k in MODEL_FLAGS if hasattr(ns, k)}}
     if getattr(ns, "model_json", None):
-        model.update(json.loads(ns.model_json))
+        try:
+            extra = json.loads(ns.model_json)
+        except ValueError as exc:
+            raise UsageError(f"--model-config: not a JSON object ({exc})") from exc
+        if not isinstance(extra, dict):
+            raise UsageError("--model-config: expected a JSON object of SlideChatConfig fields")
+        model.update(extra)
     return from_arguments(TrainConfig, ns, base=values, model=model), ns
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg, ns = config_from_args(argv)
-        if getattr(ns, "print_launch", None):
-            i = argv.index("--print-launch")
-            args = argv[:i] + argv[i + 3:]  # the run's own flags, without --print-launch N M
-            print(build_launch_command(ns.print_launch[0], ns.print_launch[1], args,
-                                       cfg.deepspeed or "configs/deepspeed/zero2.json"))
-            return 0
-        # One srun task per GPU (the SLURM profile): this process is a rank already, no launcher needed.
-        os.environ.update(slurm_rank_env(os.environ))
-        n_nodes = int(os.environ.get("SLURM_NNODES", "1"))
-        if (cfg.gpus_per_node > 1 or n_nodes > 1) and "LOCAL_RANK" not in os.environ:
-            import subprocess
+    cfg, ns = config_from_args(argv)
+    if getattr(ns, "print_launch", None):
+        i = argv.index("--print-launch")
+        args = argv[:i] + argv[i + 3:]  # the run's own flags, without --print-launch N M
+        print(build_launch_command(ns.print_launch[0], ns.print_launch[1], args,
+                                   cfg.deepspeed or "configs/deepspeed/zero2.json"))
+        return 0
+    # One srun task per GPU (the SLURM profile): this process is a rank already, no launcher needed.
+    os.environ.update(slurm_rank_env(os.environ))
+    n_nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    if (cfg.gpus_per_node > 1 or n_nodes > 1) and "LOCAL_RANK" not in os.environ:
+        import subprocess
 
-            cmd = build_launch_command(max(1, cfg.gpus_per_node), n_nodes, argv,
-                                       cfg.deepspeed or "configs/deepspeed/zero2.json")
-            print(f"launching: {cmd}", flush=True)
-            return subprocess.run(cmd, shell=True).returncode
-        train(cfg)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, TrainSetupError) as e:  # anything else: full traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cmd = build_launch_command(max(1, cfg.gpus_per_node), n_nodes, argv,
+                                   cfg.deepspeed or "configs/deepspeed/zero2.json")
+        print(f"launching: {cmd}", flush=True)
+        return subprocess.run(cmd, shell=True).returncode
+    train(cfg)
     return 0

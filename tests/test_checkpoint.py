@@ -199,7 +199,7 @@ def test_stage1_checkpoint_without_llm_keys_uses_base_llm(source, tiny_llm, tmp_
 def test_released_checkpoint_needs_llm_dir(source, tmp_path):
     path = tmp_path / "m.pth"
     torch.save(released_state(source), path)
-    with pytest.raises(InputError, match="`llm`"):
+    with pytest.raises(InputError, match="--llm"):
         load_model(path, llm=None, config=tiny_config())
 
 

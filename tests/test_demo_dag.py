@@ -149,4 +149,25 @@ def test_report_builds(demo_run):
     report = results / "report.html"
     res = snakemake("--report", str(report), "--configfile", str(cfg_path), workdir=root)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert report.stat().st_size > 10_000
+    text = report.read_text()
+    # the slide table is a page of the report; each slide has one overview, a JPEG within the byte budget
+    assert '"mime_type": "text/html"' in text and "slides.html" in text
+    overviews = sorted((results / "patches").glob("*_patches.jpg"))
+    assert len(overviews) == 6 and text.count('"mime_type": "image/jpeg"') == 6
+    assert max(p.stat().st_size for p in overviews) <= 40_000
+    assert "<td>demo-000</td>" in (results / "summary" / "slides.html").read_text()
+
+
+def test_report_of_a_partial_run_shows_what_exists(tmp_path):
+    """Only segmentation and tiling ran: `snakemake --report` (target all) shows their overviews, no error
+    about the outputs of stages that did not run."""
+    results = tmp_path / "results"
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(small_config(results)))
+    res = snakemake("--cores", "2", "tile", "--configfile", str(cfg_path), workdir=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = tmp_path / "report.html"
+    res = snakemake("--report", str(report), "--configfile", str(cfg_path), workdir=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = report.read_text()
+    assert text.count('"mime_type": "image/jpeg"') == 6 and "slides.html" not in text

@@ -148,9 +148,9 @@ def test_strict_loading_names_bad_missing_and_unknown_keys(conch_factory, tmp_pa
 
 
 def test_missing_or_unreadable_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(EncoderCheckpointError, match="features.checkpoint"):
+    with pytest.raises(EncoderCheckpointError, match="--encoder-checkpoint"):
         build_encoder("conch_v1", checkpoint=tmp_path / "nope.bin")
-    with pytest.raises(EncoderCheckpointError, match="features.checkpoint"):
+    with pytest.raises(EncoderCheckpointError, match="--encoder-checkpoint"):
         build_encoder("conch_v1")  # real weights are never silently random
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint")
@@ -250,7 +250,7 @@ def test_any_timm_model_by_name_from_a_local_checkpoint(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(enc(x), full.forward_head(full.forward_features(x), pre_logits=True))
     assert enc.feature_dim == 512 and enc.transform.name == "timm:resnet18"
-    with pytest.raises(EncoderCheckpointError, match="features.checkpoint"):
+    with pytest.raises(EncoderCheckpointError, match="--encoder-checkpoint"):
         build_encoder("timm:resnet18")
     with pytest.raises(ValueError, match="no_such_model"):
         build_encoder("timm:no_such_model", allow_random=True)

@@ -277,9 +277,13 @@ def test_end_to_end_cmu_small_region_with_cli(cmu_small, tmp_path, capsys):
     assert fs.attrs["mpp_level0"] == pytest.approx(0.499, abs=1e-3)
     # distinct tissue patches give distinct features
     assert np.unique(np.round(fs.features, 2), axis=0).shape[0] == len(xy)
-    # missing checkpoint for a real encoder: a clear error naming the option, exit code 1
-    rc = main(["--slide", str(cmu_small), "--coords", str(coords), "--encoder", "conch_v1", "--out", str(tmp_path / "x")])
-    assert rc == 1 and "features.checkpoint" in capsys.readouterr().err
+    # missing checkpoint for a real encoder: one line naming the option, exit code 2 (a user error)
+    from preprocessing.__main__ import main as dispatch
+
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(coords), "--encoder", "conch_v1",
+                   "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--encoder-checkpoint" in err and err.count("error:") == 1
 
 
 def test_options_validate():

@@ -17,6 +17,7 @@ from slidechat import demo_data, instructions
 from slidechat.benchmarks_io import benchmark_slide_ids
 from slidechat.cli import main as cli
 from slidechat.instructions import InstructionSettings, build_instructions
+from wsicore.errors import InputError
 
 EXAMPLE_IDS = ["TCGA-A7-A0CJ-01Z-00-DX2", "TCGA-AR-A255-01Z-00-DX1", "TCGA-A7-A6VV-01Z-00-DX2"]
 
@@ -179,7 +180,7 @@ def test_demo_instructions(tmp_path: Path) -> None:
 def test_demo_rejects_unknown_class(tmp_path: Path) -> None:
     p = tmp_path / "labels.csv"
     p.write_text("slide_id,path,class_name,split,mpp\ns,/x,melanoma,train,0.25\n")
-    with pytest.raises(ValueError, match="melanoma"):
+    with pytest.raises(InputError, match="melanoma"):
         demo_data.make_demo_instructions(p, tmp_path / "o")
 
 

@@ -367,7 +367,7 @@ def test_peft_adapter_round_trip(tiny_llm, tmp_path):
 
 
 def test_missing_llm_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="`llm`"):
+    with pytest.raises(FileNotFoundError, match="--llm"):
         new_model(tmp_path / "nope", tiny_config())
 
 

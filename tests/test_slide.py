@@ -85,7 +85,8 @@ def test_missing_mpp_is_a_clear_error(tcga_jp2k_no_mpp):
         with pytest.raises(MissingMppError) as err:
             _ = ws.mpp_x
     msg = str(err.value)
-    assert "tcga-cr-7395-01a-01-ts1" in msg and "mpp_overrides" in msg
+    assert "tcga-cr-7395-01a-01-ts1" in msg and "--mpp" in msg and "config" not in msg
+    assert "mpp_overrides" in err.value.config_hint  # added to the message under the workflow
 
 
 def test_mpp_override_on_jpeg2000(tcga_jp2k_no_mpp):
@@ -198,7 +199,7 @@ def test_implausible_mpp_is_refused_before_any_pixel_is_read(boxes_pyramid, tmp_
     assert "boxes-synthetic-pyramid" in msg and "352.8 µm/px" in msg and "--allow-unusual-slide" in msg
     assert "\n" not in msg
     res = run_cli("segment", "--slide", str(boxes_pyramid), "--out", str(tmp_path / "refused"))
-    assert res.returncode == 1 and "outside the plausible 0.05-20 µm/px" in res.stderr
+    assert res.returncode == 2 and "outside the plausible 0.05-20 µm/px" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").iterdir())
     res = run_cli("segment", "--slide", str(boxes_pyramid), "--out", str(tmp_path / "allowed"), "--allow-unusual-slide")
@@ -223,7 +224,7 @@ def test_size_beyond_what_the_file_holds_is_refused(tmp_path):
         with pytest.raises(UnusualSlideError, match="px per byte"):
             ws.check_plausible()
     res = run_cli("segment", "--slide", str(path), "--out", str(tmp_path / "o"), "--mpp", "0.25")
-    assert res.returncode == 1 and "200000 x 200000" in res.stderr and "--allow-unusual-slide" in res.stderr
+    assert res.returncode == 2 and "200000 x 200000" in res.stderr and "--allow-unusual-slide" in res.stderr
     side = write_tiff_claiming(tmp_path / "side.tiff", 600_000, 512)
     with WholeSlide(side, mpp_override=0.25) as ws:
         with pytest.raises(UnusualSlideError, match="500,000"):

@@ -119,7 +119,7 @@ def test_cmu_geojson_and_images(cmu_tiles):
     mask = Image.open(out / "CMU-1-Small-Region_mask.png")
     assert float(mask.text["mpp_x"]) == pytest.approx(8.0, rel=0.01)
     assert Image.open(out / "CMU-1-Small-Region_thumbnail.png").size[1] >= 512
-    assert (out / "CMU-1-Small-Region_patches.png").exists()
+    assert (out / "CMU-1-Small-Region_patches.jpg").exists()
 
 
 def test_clam_preset_is_clams_tcga_csv(cmu_small, tmp_path):
@@ -142,8 +142,8 @@ def test_clam_preset_is_clams_tcga_csv(cmu_small, tmp_path):
 
 def test_tcga_needs_override_cli(tcga_jp2k_no_mpp, tmp_path):
     res = run_cli("tile", "--slide", str(tcga_jp2k_no_mpp), "--out", str(tmp_path))
-    assert res.returncode == 1
-    assert "mpp_overrides" in res.stderr and "tcga-cr-7395-01a-01-ts1" in res.stderr
+    assert res.returncode == 2  # a user error (wsicore.errors)
+    assert "--mpp" in res.stderr and "tcga-cr-7395-01a-01-ts1" in res.stderr and "config" not in res.stderr
     assert not list(tmp_path.glob("*.h5"))
     res = run_cli("tile", "--slide", str(tcga_jp2k_no_mpp), "--out", str(tmp_path), "--mpp", "0.25")
     assert res.returncode == 0, res.stderr
@@ -186,7 +186,7 @@ def test_non_square_step_and_stride(tmp_path):
 
 def test_boxes_generic_tiff(boxes_pyramid, tmp_path):
     res = run_cli("tile", "--slide", str(boxes_pyramid), "--out", str(tmp_path / "bogus"))
-    assert res.returncode == 1 and "352.8 µm/px" in res.stderr  # its recorded mpp: refused before reading
+    assert res.returncode == 2 and "352.8 µm/px" in res.stderr  # its recorded mpp: refused before reading
     h5 = tile_slide(boxes_pyramid, tmp_path, target_mpp=0.5, patch_size=32, mpp=0.25, min_tissue_fraction=0.25,
                     seg_mpp=1.0, min_tissue_area_um2=100, median_kernel=3, use_padding=False)
     coords, attrs = load_coords(h5)
@@ -212,8 +212,8 @@ def test_truncated_svs_fails_clearly_and_writes_nothing(cmu_small, tmp_path):
     bad.write_bytes(data[: len(data) // 3])
     out = tmp_path / "o"
     res = run_cli("segment", "--slide", str(bad), "--out", str(out))
-    assert res.returncode == 1
-    assert res.stderr.startswith("error: slide broken")
+    assert res.returncode == 2
+    assert res.stderr.startswith("python -m preprocessing segment: error: slide broken")
     leftovers = list(out.glob("*")) if out.exists() else []
     assert not [p for p in leftovers if p.name.startswith("broken")], leftovers
     assert not [p for p in leftovers if ".tmp-" in p.name]

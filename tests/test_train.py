@@ -17,7 +17,9 @@ import torch
 
 from preprocessing.stores import write_h5_store, write_zarr_store
 from slidechat import train as T
+from slidechat.cli import main as cli
 from slidechat.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from wsicore.errors import InputError
 
 DIM = 32
 MODEL = {"feature_dim": DIM, "encoder_layers": 1, "encoder_ffn_dim": 64, "encoder_heads": 4,
@@ -220,7 +222,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env: dict[str, Path], cap
             "--out", str(env["root"] / "nan" / "model"), "--work-dir", str(work), "--grad-accum", "1",
             "--save-steps", "1", "--save-total-limit", "0", "--epochs", "1", "--seed", str(seed),
             "--model-config", json.dumps(MODEL)]
-    rc = T.main(argv)
+    rc = cli(["train", *argv])  # the dispatcher turns TrainingDiverged into one line and exit code 3
     assert rc == 3
     assert "loss is nan" in capsys.readouterr().err
     assert not (env["root"] / "nan" / "model").exists()
@@ -302,7 +304,7 @@ def test_lr_schedule_is_warmup_then_cosine_to_the_floor() -> None:
 def test_4bit_is_gpu_only(env: dict[str, Path]) -> None:
     with pytest.raises(T.TrainSetupError, match="CUDA GPU"):
         _cfg(env, "q", load_in_4bit=True).resolved()
-    with pytest.raises(FileNotFoundError, match="--llm"):
+    with pytest.raises(InputError, match="--llm"):
         _cfg(env, "q", llm=str(env["root"] / "nope")).resolved()
 
 
@@ -315,6 +317,14 @@ def test_cli_run_with_curves(env: dict[str, Path], capsys: pytest.CaptureFixture
             "--max-patches", "10", "--curves", str(curves), "--model-config", json.dumps(MODEL)]
     rc = T.main(argv)
     assert rc == 0 and curves.stat().st_size > 1000
+    # a progress line per step in the log (not a terminal), and the model card beside the model
+    err = capsys.readouterr().err
+    assert "stage 1: step 1/2 (50%), loss " in err and "tokens/s" in err and "ETA" in err
+    assert "stage 1: step 2/2 (100%)" in err and "done in" in err
+    card = json.loads((env["root"] / "cli" / "model" / "model_card.json").read_text())
+    assert card["stage"] == 1 and card["optimizer_steps"] == 2 and card["trained_on"]["records"] == 4
+    assert card["synthetic_demo"] is False and card["base_llm"] == str(env["llm"])
+    assert "stage 1" in (env["root"] / "cli" / "model" / "MODEL_CARD.md").read_text()
     meta = json.loads((env["root"] / "cli" / "model" / "slidechat_config.json").read_text())
     assert meta["config"]["max_patches_train"] == 10 and meta["llm_format"] == "base"
     saved = json.loads((env["root"] / "cli" / "model" / "training_config.json").read_text())

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from wsicore import __version__
-from wsicore.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, UserError
+from wsicore.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, WORKFLOW_ENV, UserError
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the error convention: a bad flag is one line on stderr (not the whole usage), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def command_parser(prog: str, description: str | None, example: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose help shows defaults and ends with an example invocation."""
     epilog = f"example:\n  {example}" if example else None
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+    return CommandParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+
+
+def log_to_stderr() -> None:
+    """Log lines (INFO and up) of a command on stderr: what long work is doing, in the terminal or the job log."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
 def _usage(prog: str, commands: dict[str, Command]) -> str:
@@ -48,10 +61,14 @@ def _usage(prog: str, commands: dict[str, Command]) -> str:
 
 
 def report_error(prog: str, exc: BaseException, debug: bool = False) -> None:
-    """One line on stderr (`prog: error: ...`), the traceback first when debugging."""
+    """One line on stderr (`prog: error: ...`), the traceback first when debugging; under the workflow a
+    UserError's config hint is added (the config key behind the flag the message names)."""
     if debug:
         traceback.print_exception(exc)
-    message = str(exc).strip() or type(exc).__name__
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    hint = getattr(exc, "config_hint", None)
+    if hint and os.environ.get(WORKFLOW_ENV):
+        message += f" (workflow config: {hint})"
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
 
 

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from wsicore.errors import InputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -90,3 +92,38 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 24) -> str:
         for chunk in iter(lambda: fh.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _where(flag: str | None) -> str:
+    return f" (option {flag})" if flag else ""
+
+
+def _a(what: str) -> str:
+    return ("an " if what[:1].lower() in "aeiou" else "a ") + what
+
+
+def input_file(path: str | os.PathLike, what: str = "file", flag: str | None = None) -> Path:
+    """`path` when it names an existing file; else an InputError naming it, what it should be and the flag."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}{_where(flag)}")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; expected {_a(what)}{_where(flag)}")
+    return p
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", flag: str | None = None) -> Any:
+    """The parsed content of a user's JSON file; a missing, unreadable or malformed file is an InputError
+    that names it (and the position of the first error)."""
+    p = input_file(path, what, flag)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: cannot be read as {_a(what)} ({exc}){_where(flag)}") from exc
+    if not text.strip():
+        raise InputError(f"{p}: the file is empty; expected {_a(what)}{_where(flag)}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); expected "
+                         f"{_a(what)}{_where(flag)}") from exc

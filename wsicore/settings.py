@@ -7,6 +7,8 @@ Each field carries its type, its default and `metadata` (write it with `setting(
     choices            allowed values
     minimum, maximum, exclusive_minimum, exclusive_maximum    numeric bounds
     key                config key and flag name when they differ from the field name (fmt -> format)
+    flag               the flag when it differs from --key (`features.checkpoint` is --encoder-checkpoint)
+    aliases            older spellings of the flag, still accepted and not shown in --help
     config=False       not a config key: a path the rule supplies, a test hook, a launcher setting
     cli=False          not a flag either (the command fills it another way)
 
@@ -43,7 +45,7 @@ from wsicore.files import write_text
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 _BOUNDS = {"minimum": "minimum", "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum",
            "exclusive_maximum": "exclusiveMaximum"}
-_METADATA_KEYS = {"help", "choices", "key", "config", "cli", *_BOUNDS}
+_METADATA_KEYS = {"help", "choices", "key", "flag", "aliases", "config", "cli", *_BOUNDS}
 
 
 def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING, **metadata: Any) -> Any:
@@ -70,10 +72,8 @@ class Option:
     bounds: tuple[tuple[str, float], ...]
     config: bool
     cli: bool
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+    flag: str
+    aliases: tuple[str, ...] = ()
 
 
 def _unwrap(annotation: Any, where: str) -> tuple[type, bool, int | None, tuple | None]:
@@ -130,9 +130,14 @@ def options(cls: type) -> tuple[Option, ...]:
             required=f.default is MISSING and f.default_factory is MISSING, help=meta["help"],
             choices=tuple(meta["choices"]) if meta.get("choices") is not None else literal,
             bounds=tuple((k, meta[k]) for k in _BOUNDS if k in meta), config=meta.get("config", True),
-            cli=meta.get("cli", True),
+            cli=meta.get("cli", True), flag=meta.get("flag") or _default_flag(meta.get("key", f.name)),
+            aliases=tuple(meta.get("aliases", ())),
         ))
     return tuple(out)
+
+
+def _default_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _value_text(value: Any) -> str:
@@ -175,16 +180,18 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         if opt.required:
             kw["required"] = True
         if opt.kind is bool and opt.length is None:
-            parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        kw["type"] = _Value(opt)
-        if opt.choices is not None:
-            kw["choices"] = opt.choices
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["metavar"] = opt.key.upper()
-        if opt.length is not None:
-            kw["nargs"] = "*" if opt.length == -1 else opt.length
+            kw["type"] = _Value(opt)
+            if opt.choices is not None:
+                kw["choices"] = opt.choices
+            else:
+                kw["metavar"] = opt.flag[2:].replace("-", "_").upper()
+            if opt.length is not None:
+                kw["nargs"] = "*" if opt.length == -1 else opt.length
         parser.add_argument(opt.flag, **kw)
+        for alias in opt.aliases:  # accepted, not shown
+            parser.add_argument(alias, **{**kw, "help": argparse.SUPPRESS, "required": False})
 
 
 def given(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
@@ -219,6 +226,8 @@ def _property(opt: Option) -> dict[str, Any]:
     if not opt.required:
         item["default"] = list(opt.default) if isinstance(opt.default, tuple) else opt.default
     item["description"] = opt.help
+    if opt.flag != _default_flag(opt.key):
+        item["x-flag"] = opt.flag
     return item
 
 
@@ -243,15 +252,17 @@ def schema_block(cls: type, presets: Mapping[str, Any] | None = None) -> dict[st
     return block
 
 
-def config_argv(values: Mapping[str, Any], keys: Iterable[str] | None = None) -> list[str]:
-    """The argv for a config block: `--key=value` for each key present (only those in `keys` when given),
-    `--flag` / `--no-flag` for booleans, `--key v1 v2` for lists; None values are left out."""
+def config_argv(values: Mapping[str, Any], keys: Iterable[str] | Mapping[str, str] | None = None) -> list[str]:
+    """The argv for a config block: `--key=value` for each key present (only those in `keys` when given; a
+    mapping of key -> flag names the flags too), `--flag` / `--no-flag` for booleans, `--key v1 v2` for lists;
+    None values are left out."""
+    flags = dict(keys) if isinstance(keys, Mapping) else {}
     wanted = None if keys is None else set(keys)
     argv: list[str] = []
     for key, value in values.items():
         if value is None or (wanted is not None and key not in wanted):
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = flags.get(key) or _default_flag(key)
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
@@ -263,7 +274,7 @@ def config_argv(values: Mapping[str, Any], keys: Iterable[str] | None = None) ->
     return argv
 
 
-def shell_args(values: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+def shell_args(values: Mapping[str, Any], keys: Iterable[str] | Mapping[str, str] | None = None) -> str:
     """`config_argv` as one shell-quoted string, for a rule's `params`."""
     return shlex.join(config_argv(values, keys))
 

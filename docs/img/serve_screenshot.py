@@ -22,6 +22,21 @@ DEMO_QUESTION = ("Which tissue type is shown in this whole slide image?\nA. Fibr
                  "C. Adenocarcinoma\nD. Necrosis")
 
 
+def headless_chromium(size: str) -> webdriver.Chrome:
+    """Debian's chromium through its chromedriver, headless, with a window of `size` ("width,height")."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={size}", "--hide-scrollbars"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+
+
+def save_palette_png(path: str, colors: int) -> None:
+    """Rewrite a screenshot with `colors` colours: a third of the size, small enough for the repository."""
+    image = Image.open(path).convert("RGB")
+    image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000/")
@@ -31,11 +46,7 @@ def main() -> None:
     p.add_argument("--size", default="1500,860", help="window width,height in px")
     p.add_argument("--colors", type=int, default=256, help="palette size of the saved PNG (0: full colour)")
     a = p.parse_args()
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={a.size}", "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    driver = headless_chromium(a.size)
     try:
         wait = WebDriverWait(driver, 600)
         driver.get(a.url)
@@ -49,9 +60,8 @@ def main() -> None:
         driver.save_screenshot(a.out)
     finally:
         driver.quit()
-    if a.colors:  # a palette PNG is a third of the size, small enough for the repository
-        image = Image.open(a.out).convert("RGB")
-        image.quantize(colors=a.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(a.out, optimize=True)
+    if a.colors:
+        save_palette_png(a.out, a.colors)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ CHECKPOINT_CONFIG_KEY = "features.checkpoint"
 
 
 class EncoderCheckpointError(InputError, ValueError):
-    """A checkpoint that is missing, unreadable, or does not match the encoder's architecture."""
+    """An encoder that cannot be built: an unknown name, or a checkpoint that is missing, unreadable, or does not
+    match the architecture."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,13 +44,11 @@ def _require_checkpoint(path: str | os.PathLike, encoder: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         raise EncoderCheckpointError(
-            f"checkpoint for encoder {encoder!r} not found: {p} "
-            f"(set the config key `{CHECKPOINT_CONFIG_KEY}` or the option --checkpoint to a local weights file)"
-        )
+            f"checkpoint for encoder {encoder!r} not found: {p} (option --encoder-checkpoint: a local weights file)",
+            config_hint=f"set `{CHECKPOINT_CONFIG_KEY}` to a local weights file")
     if not os.access(p, os.R_OK):
-        raise EncoderCheckpointError(
-            f"checkpoint for encoder {encoder!r} is not readable: {p} (config key `{CHECKPOINT_CONFIG_KEY}`)"
-        )
+        raise EncoderCheckpointError(f"checkpoint for encoder {encoder!r} is not readable: {p} "
+                                     "(option --encoder-checkpoint)", config_hint=CHECKPOINT_CONFIG_KEY)
     return p
 
 
@@ -205,20 +204,19 @@ def build_encoder(
 
         if ckpt is None and not allow_random:
             raise EncoderCheckpointError(
-                f"encoder {name!r} needs its weights: set the config key `{CHECKPOINT_CONFIG_KEY}` "
-                f"(option --checkpoint) to a local file (nothing is downloaded)"
-            )
+                f"encoder {name!r} needs its weights: pass --encoder-checkpoint FILE, a local file (nothing is "
+                "downloaded)", config_hint=f"set `{CHECKPOINT_CONFIG_KEY}`")
         model, dim, config, default_spec = build_timm_model(name[len("timm:") :], ckpt, seed)
         spec = get_transform(transform) if transform is not None else default_spec
     else:
         if name not in ENCODERS:
-            raise ValueError(f"unknown encoder {name!r}; choose one of {available_encoders()} (option --encoder)")
+            raise EncoderCheckpointError(f"unknown encoder {name!r}; choose one of {available_encoders()} "
+                                         "(option --encoder)", config_hint="features.encoder")
         entry = ENCODERS[name]
         if ckpt is None and entry.needs_checkpoint and not allow_random:
             raise EncoderCheckpointError(
-                f"encoder {name!r} needs its weights: set the config key `{CHECKPOINT_CONFIG_KEY}` "
-                f"(option --checkpoint) to a local file (nothing is downloaded)"
-            )
+                f"encoder {name!r} needs its weights: pass --encoder-checkpoint FILE, a local file (nothing is "
+                "downloaded)", config_hint=f"set `{CHECKPOINT_CONFIG_KEY}`")
         spec = get_transform(transform if transform is not None else entry.default_transform)
         model, dim, config = entry.builder(ckpt, seed)
     enc = PatchEncoder(

@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from slidechat.inference import DEFAULT_CACHE, FeatureSettings, model_feature_config
+from slidechat.model_card import demo_notice
 from slidechat.serve.attribution import display_heat
 from slidechat.serve.engine import ModelWorker, Preprocessor
 from slidechat.serve.slides import OutputFinder, SlideEntry, SlideOutputs, read_slide_table
@@ -307,7 +308,9 @@ def build_state(a: argparse.Namespace) -> ServeState:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"--model {model_dir}: cannot load the model ({exc})") from exc
     worker = ModelWorker(model, max_new_tokens=a.max_new_tokens, attribution_steps=a.attribution_steps)
-    return ServeState(table, finder, worker, Preprocessor(settings, finder, reason), model_dir.name)
+    # the page shows the name: a model of the synthetic demo says so there too
+    name = model_dir.name + (" (trained on the synthetic demo data)" if demo_notice(model_dir) else "")
+    return ServeState(table, finder, worker, Preprocessor(settings, finder, reason), name)
 
 
 def main(argv: list[str]) -> int:
@@ -317,6 +320,9 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     sock = bind_socket(a.host, a.port)  # before the (slow) model load: a taken port fails at once
     state = build_state(a)
+    notice = demo_notice(a.model)
+    if notice:
+        print(f"slidechat serve: {notice}", flush=True)
     host, port = sock.getsockname()[:2]
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"slidechat serve: warning: listening on {a.host}, reachable from other machines", flush=True)

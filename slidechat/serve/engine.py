@@ -86,7 +86,7 @@ class ModelWorker:
             self._slides.move_to_end(key)
             return self._slides[key]
         device, dtype = model_device_dtype(self.model)
-        features = load_slide_tensor(store, device, dtype)
+        features = load_slide_tensor(store, device, dtype, self.model.config.feature_dim)
         with torch.inference_mode():
             visual = self.model.encode_slide(features)
         self.encodings += 1

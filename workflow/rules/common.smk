@@ -1,5 +1,6 @@
 # Slide discovery, paths, command arguments and input functions shared by every rule file.
 import json
+import os
 import re
 import shlex
 import sys
@@ -13,8 +14,12 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 # Standard library only, imported from this checkout (Snakemake puts the Snakefile's folder on sys.path), so
 # they work also where our package is not installed (--use-conda).
+from wsicore.errors import WORKFLOW_ENV
 from wsicore.files import write_text
 from wsicore.settings import shell_args
+
+# Jobs inherit this: their errors then name the config key behind a flag (wsicore.errors, config_hint).
+os.environ[WORKFLOW_ENV] = "1"
 
 RESULTS = config["results_dir"]
 DEMO = config["demo"]["enabled"]
@@ -115,10 +120,11 @@ CKPT_DIR = (
 EVAL_DIR = f"{RESULTS}/eval"
 
 # ---------------------------------------------------------------------------------------- command arguments
-# The keys of each stage block, generated from the stage's settings dataclass (wsicore.settings).
 _STAGE_SCHEMA = Path(workflow.basedir, "workflow", "schemas", "stages.schema.yaml")
-STAGE_KEYS = {
-    name: list(block["properties"])
+# The keys of each stage block and their flags (x-flag where the flag is not --key), generated from the stage's
+# settings dataclass (wsicore.settings).
+STAGE_FLAGS = {
+    name: {key: prop.get("x-flag") for key, prop in block["properties"].items()}
     for name, block in yaml.safe_load(_STAGE_SCHEMA.read_text())["$defs"].items()
 }
 
@@ -131,7 +137,7 @@ def stage_args(block, *path):
     values = USER_CONFIG
     for key in path:
         values = values.get(key) or {}
-    return shell_args(values, STAGE_KEYS[block])
+    return shell_args(values, STAGE_FLAGS[block])
 
 
 def slide_path(wildcards):
@@ -296,12 +302,34 @@ def _configured():
     return has, left_out
 
 
+def making_report():
+    """True under `snakemake --report FILE` (not --report-after-run, which runs the DAG first)."""
+    args = sys.argv[1:]
+    return "--report-after-run" not in args and any(
+        a == "--report" or a.startswith("--report=") for a in args
+    )
+
+
 def all_targets():
     """Every product whose inputs are configured: feature stores and the slide table always; instructions when
     given; models when the LLM is given too (with or without benchmarks); evaluations when there are benchmarks.
+    For a report, only the products that exist, down to each slide's segmentation: a report of a partial run
+    shows what was made (a target that does not exist would make Snakemake refuse the report).
     """
+    if making_report():
+        per_slide = [f"{SEG_DIR}/{s}_segmentation.json" for s in SLIDES]
+        per_slide += [f"{PATCH_DIR}/{s}.h5" for s in SLIDES]
+        made = [t for t in per_slide + _all_products() if Path(t).exists()]
+        logger.info(
+            f"report: the {len(made)} of {len(per_slide) + len(_all_products())} products that exist"
+        )
+        return made
+    return _all_products()
+
+
+def _all_products():
     has, _ = _configured()
-    targets = all_feature_stores() + [f"{RESULTS}/summary/slides.tsv"]
+    targets = all_feature_stores() + [f"{RESULTS}/summary/slides.html"]
     targets += [f"{INSTR_DIR}/stage{s}.json" for s in ("1", "2") if has[f"stage{s}"]]
     if has["stage1"] and has["llm"]:
         targets.append(f"{MODEL_DIR}/stage1")

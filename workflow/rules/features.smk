@@ -43,10 +43,12 @@ rule summarize_slides:
         tiling=expand(rules.tile_slide.output.summary, slide=SLIDES),
         segmentation=expand(rules.segment_tissue_slide.output.summary, slide=SLIDES),
     output:
-        report(
-            f"{RESULTS}/summary/slides.tsv",
+        table=f"{RESULTS}/summary/slides.tsv",
+        page=report(
+            f"{RESULTS}/summary/slides.html",
+            caption="../report/slide_table.rst",
             category="2. Patches and features",
-            labels={"table": "per-slide patches and extraction throughput"},
+            labels={"table": "per slide: µm/px, tissue, patches, extraction"},
         ),
     log:
         f"{LOG_DIR}/summarize_slides.log",
@@ -64,4 +66,5 @@ rule summarize_slides:
         bench_dir=BENCH_DIR,
     shell:
         "python -m preprocessing summary --seg-dir {params.seg_dir:q} --patch-dir {params.patch_dir:q} "
-        "--features-dir {params.features_dir:q} --bench-dir {params.bench_dir:q} --out {output:q} > {log:q} 2>&1"
+        "--features-dir {params.features_dir:q} --bench-dir {params.bench_dir:q} --out {output.table:q} "
+        "--html {output.page:q} > {log:q} 2>&1"

@@ -6,12 +6,7 @@ rule segment_tissue_slide:
         slide=slide_path,
     output:
         mask=f"{SEG_DIR}/{{slide}}_mask.png",
-        thumbnail=report(
-            f"{SEG_DIR}/{{slide}}_thumbnail.png",
-            category="1. Slides",
-            subcategory="Tissue contours",
-            labels={"slide": "{slide}"},
-        ),
+        thumbnail=f"{SEG_DIR}/{{slide}}_thumbnail.png",
         geojson=f"{SEG_DIR}/{{slide}}.geojson",
         summary=f"{SEG_DIR}/{{slide}}_segmentation.json",
     log:
@@ -46,9 +41,10 @@ rule tile_slide:
     output:
         coords=f"{PATCH_DIR}/{{slide}}.h5",
         patches=report(
-            f"{PATCH_DIR}/{{slide}}_patches.png",
+            f"{PATCH_DIR}/{{slide}}_patches.jpg",
+            caption="../report/slide_overview.rst",
             category="1. Slides",
-            subcategory="Kept patches",
+            subcategory="Tissue and kept patches",
             labels={"slide": "{slide}"},
         ),
         summary=f"{PATCH_DIR}/{{slide}}_tiling.json",

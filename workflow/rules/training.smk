@@ -11,6 +11,7 @@ rule train_stage1:
         model=directory(f"{MODEL_DIR}/stage1"),
         curves=report(
             f"{RESULTS}/training/stage1_curves.png",
+            caption="../report/training_curves.rst",
             category="3. Training",
             labels={"stage": "1"},
         ),
@@ -43,13 +44,14 @@ rule train_stage1:
 rule train_stage2:
     input:
         data=f"{INSTR_DIR}/stage2.json",
-        init=rules.train_stage1.output.model,
+        stage1=rules.train_stage1.output.model,
         llm=llm_dir,
         stores=all_feature_stores,
     output:
         model=directory(f"{MODEL_DIR}/stage2"),
         curves=report(
             f"{RESULTS}/training/stage2_curves.png",
+            caption="../report/training_curves.rst",
             category="3. Training",
             labels={"stage": "2"},
         ),
@@ -75,5 +77,5 @@ rule train_stage2:
         work=f"{CKPT_DIR}/stage2",
     shell:
         "{params.launch} python -m slidechat train --stage 2 --data {input.data:q} "
-        "--features-dir {params.features_dir:q} --llm {input.llm:q} --init {input.init:q} --out {output.model:q} "
+        "--features-dir {params.features_dir:q} --llm {input.llm:q} --model {input.stage1:q} --out {output.model:q} "
         "--work-dir {params.work:q} --curves {output.curves:q} --threads {threads} {params.args} > {log:q} 2>&1"
