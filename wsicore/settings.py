@@ -176,6 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             continue
         shown = opt.default not in (None, "")
         help_text = f"{opt.help} (default: {_value_text(opt.default)})" if shown else opt.help
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help; metadata stays plain text for the schema
         kw: dict[str, Any] = dict(dest=opt.name, default=argparse.SUPPRESS, help=help_text)
         if opt.required:
             kw["required"] = True
