@@ -49,6 +49,10 @@ def _sample_sheet_slides(sheet):
     table = pd.read_csv(sheet, dtype={"slide_id": str, "path": str})
     table = table.astype(object).where(table.notna(), None)
     validate(table, "../schemas/samples.schema.yaml")
+    if table.empty:
+        raise ValueError(
+            f"slides.sample_sheet {sheet} lists no slides (columns slide_id, path[, mpp][, split])"
+        )
     if table["slide_id"].duplicated().any():
         dups = sorted(table.loc[table["slide_id"].duplicated(), "slide_id"])
         raise ValueError(f"slides.sample_sheet {sheet}: duplicate slide_id {dups}")
@@ -58,7 +62,8 @@ def _sample_sheet_slides(sheet):
             raise ValueError(
                 f"slides.sample_sheet {sheet}: slide {row.slide_id}: path {row.path!r} is not a file"
             )
-        if getattr(row, "mpp", None):
+        # an empty cell: the file's own pixel size (validate() writes empty cells back as NaN)
+        if pd.notna(getattr(row, "mpp", None)):
             config["mpp_overrides"].setdefault(row.slide_id, float(row.mpp))
     return dict(zip(table["slide_id"], table["path"]))
 

@@ -1,0 +1,57 @@
+"""A new user's path through the workflow, as the README tells it: the README's own commands, sample sheets as
+spreadsheets write them, slide names Snakemake cannot take, config keys that must reach the job that needs them,
+input files switched in the config, and the SLURM profile's real submissions (sbatch replaced by a stand-in
+that records them)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_workflow import BIN, REPO, commands, path_without_venv, real_config, snakemake, write_config
+
+
+def sheet_config(tmp_path: Path, sheet_text: str, **blocks) -> Path:
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(sheet_text)
+    cfg = {"results_dir": str(tmp_path / "results"), "slides": {"sample_sheet": str(sheet)},
+           "features": {"encoder": "conch_tiny"}, **blocks}
+    return write_config(tmp_path / "c.yaml", cfg)
+
+
+def test_sample_sheet_empty_mpp_cell_is_no_override(tmp_path):
+    """A sheet whose optional mpp column is filled for some slides only (as spreadsheets write it: BOM, CRLF): the
+    empty cells mean "from the file", not NaN; the filled ones reach every command of their slide."""
+    for name in ("a.svs", "b.svs"):
+        (tmp_path / name).write_bytes(b"x")
+    path = sheet_config(tmp_path, f"\ufeffslide_id,path,mpp\r\nwith_mpp,{tmp_path / 'a.svs'},0.25\r\n"
+                                  f"from_file,{tmp_path / 'b.svs'},\r\n")
+    res = snakemake("-n", "-p", "extract_features", "--configfile", str(path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for command in ("preprocessing segment", "preprocessing tile", "preprocessing extract"):
+        runs = {argv[argv.index("--slide-id") + 1]: argv for argv in commands(res.stdout, command)}
+        assert set(runs) == {"with_mpp", "from_file"}, command
+        assert "--mpp=0.25" in runs["with_mpp"], command
+        assert not [a for a in runs["from_file"] if a.startswith("--mpp")], (command, runs["from_file"])
+
+
+def test_empty_sample_sheet_names_the_sheet(tmp_path):
+    path = sheet_config(tmp_path, "slide_id,path\n")
+    res = snakemake("-n", "tile", "--configfile", str(path))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and f"slides.sample_sheet {tmp_path / 'sheet.csv'} lists no slides" in out, out[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ SLURM, for real
+
+
