@@ -52,6 +52,49 @@ def test_empty_sample_sheet_names_the_sheet(tmp_path):
     assert res.returncode != 0 and f"slides.sample_sheet {tmp_path / 'sheet.csv'} lists no slides" in out, out[-2000:]
 
 
+@pytest.mark.parametrize("where", ["dir", "sample_sheet"])
+def test_braces_in_a_slide_file_name_are_refused_naming_the_file(tmp_path, where):
+    """Snakemake reads `{...}` in a file name as a wildcard, whatever the quoting: the workflow refuses such a slide
+    at load with one line naming it, instead of a WildcardError about rule segment_tissue."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "ok.svs").write_bytes(b"x")
+    (slides / "a{b}.svs").write_bytes(b"x")
+    if where == "dir":
+        path = write_config(tmp_path / "c.yaml", {"results_dir": str(tmp_path / "r"), "slides": {"dir": str(slides)}})
+    else:
+        path = sheet_config(tmp_path, f"slide_id,path\nfine,{slides / 'a{b}.svs'}\n")
+    res = snakemake("-n", "segment_tissue", "--configfile", str(path))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "WildcardError" not in out, out[-2000:]
+    assert f"{slides / 'a{b}.svs'}: Snakemake cannot take '{{' or '}}' in a file name" in out, out[-2000:]
+    for key in ("results_dir", "dir") if where == "dir" else ():  # folders: refused by the schema
+        cfg = {"results_dir": str(tmp_path / "r"), "slides": {"dir": str(slides)}}
+        (cfg if key == "results_dir" else cfg["slides"])[key] = str(tmp_path / "{x}")
+        res = snakemake("-n", "segment_tissue", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+        assert res.returncode != 0 and "does not match '^[^{}]*$'" in res.stdout + res.stderr, key
+
+
+def test_mpp_override_for_no_slide_is_refused(tmp_path):
+    """An mpp_overrides key that names no slide (a typo, an id from another naming scheme) would be ignored while
+    the slide it meant goes on with its file's pixel size: refused at load, naming the key and the known ids."""
+    cfg = real_config(tmp_path, mpp_overrides={"A": 0.25})
+    res = snakemake("-n", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "mpp_overrides: no slide has the id 'A'" in out and "'a'" in out, out[-2000:]
+    cfg["mpp_overrides"] = {"a": 0.25}
+    res = snakemake("-n", "-p", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode == 0 and "--mpp=0.25" in commands(res.stdout, "preprocessing tile")[0]
+
+
+def test_slide_extensions_are_written_without_a_dot(tmp_path):
+    cfg = real_config(tmp_path)
+    cfg["slides"]["extensions"] = [".svs"]
+    res = snakemake("-n", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "'.svs' does not match" in out and "['slides']['extensions']" in out, out[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ SLURM, for real
 
 

@@ -45,6 +45,15 @@ def _demo_slides():
     return {f"demo-{i:03d}": f"{DEMO_DIR}/slides/demo-{i:03d}.svs" for i in range(n)}
 
 
+def _check_file_name(path):
+    """Snakemake reads `{...}` in any file name as a wildcard, quoted or not: refuse it here, naming the file."""
+    if "{" in str(path) or "}" in str(path):
+        raise ValueError(
+            f"{path}: Snakemake cannot take '{{' or '}}' in a file name; rename the slide "
+            "(or list a link to it under another name in slides.sample_sheet)"
+        )
+
+
 def _sample_sheet_slides(sheet):
     table = pd.read_csv(sheet, dtype={"slide_id": str, "path": str})
     table = table.astype(object).where(table.notna(), None)
@@ -58,6 +67,7 @@ def _sample_sheet_slides(sheet):
         raise ValueError(f"slides.sample_sheet {sheet}: duplicate slide_id {dups}")
     for row in table.itertuples():
         # A path is data: it reaches commands quoted, and it must name an existing slide file.
+        _check_file_name(row.path)
         if not Path(row.path).is_file():
             raise ValueError(
                 f"slides.sample_sheet {sheet}: slide {row.slide_id}: path {row.path!r} is not a file"
@@ -76,6 +86,7 @@ def _discovered_slides(folder, extensions):
                 f"{folder}/{{slide_id,[^/]+}}.{variant}"
             ).slide_id:
                 path = f"{folder}/{slide_id}.{variant}"
+                _check_file_name(path)
                 if slide_id in found and found[slide_id] != path:
                     raise ValueError(
                         f"slide id {slide_id!r} is ambiguous: {found[slide_id]} and {path}"
@@ -95,6 +106,15 @@ if not SLIDES:
     raise ValueError(
         f"no slides found in slides.dir={config['slides']['dir']!r} with extensions "
         f"{config['slides']['extensions']}; set slides.dir or slides.sample_sheet (or demo.enabled: true)"
+    )
+
+# An override for an id no slide has would be ignored while the slide it meant kept its file's pixel size.
+_unknown_mpp = sorted(set(config["mpp_overrides"]) - set(SLIDES))
+if _unknown_mpp:
+    raise ValueError(
+        f"mpp_overrides: no slide has the id {', '.join(map(repr, _unknown_mpp))}; slide ids are the file names "
+        f"without extension, or the sample sheet's slide_id: {', '.join(map(repr, list(SLIDES)[:8]))}"
+        + (", ..." if len(SLIDES) > 8 else "")
     )
 
 # Output folders. The feature set name encodes everything that changes the features, so a different
