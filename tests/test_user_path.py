@@ -95,6 +95,25 @@ def test_slide_extensions_are_written_without_a_dot(tmp_path):
     assert res.returncode != 0 and "'.svs' does not match" in out and "['slides']['extensions']" in out, out[-2000:]
 
 
+def test_allow_unusual_slide_reaches_tiling_too(tmp_path, cmu_small):
+    """`segmentation.allow_unusual_slide: true` (an mpp outside 0.05-20 µm/px, here a real slide claimed at 25
+    µm/px) lets segmentation and tiling through; without it both refuse, saying which key to set."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_small, slides / "coarse.svs")
+    cfg = {"results_dir": str(tmp_path / "results"), "slides": {"dir": str(slides)}, "mpp_overrides": {"coarse": 25.0},
+           "segmentation": {"seg_mpp": 50.0}, "tiling": {"target_mpp": 50.0, "patch_size": 16}}
+    res = snakemake("--cores", "1", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode != 0
+    log = (tmp_path / "results" / "logs" / "segment_tissue" / "coarse.log").read_text()
+    assert "config segmentation.allow_unusual_slide" in log
+    cfg["segmentation"]["allow_unusual_slide"] = True
+    res = snakemake("--cores", "1", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + "".join(
+        p.read_text() for p in (tmp_path / "results" / "logs").rglob("*.log"))
+    assert (tmp_path / "results" / "patches" / "coarse.h5").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ SLURM, for real
 
 

@@ -167,6 +167,13 @@ def mpp_args(wildcards):
     return shell_args({"mpp": config["mpp_overrides"].get(wildcards.slide)})
 
 
+def unusual_slide_args(wildcards):
+    """Tiling checks the slide's sanity bounds again: the segmentation key that lifts them applies there too."""
+    return (
+        "--allow-unusual-slide" if config["segmentation"]["allow_unusual_slide"] else ""
+    )
+
+
 def feature_store(slide):
     return f"{FEATURE_DIR}/{slide}.{FEATURE_EXT}"
 
