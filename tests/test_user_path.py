@@ -114,6 +114,40 @@ def test_allow_unusual_slide_reaches_tiling_too(tmp_path, cmu_small):
     assert (tmp_path / "results" / "patches" / "coarse.h5").is_file()
 
 
+def finished_up_to(target: str, cfg_path: Path, work: Path) -> None:
+    """As after a finished run up to `target`: every output of its jobs exists (stand-ins) and Snakemake has
+    recorded the jobs (`--touch --forcerun`), so nothing is left to do for it."""
+    res = snakemake("-n", target, "--configfile", str(cfg_path), "--directory", str(work))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for line in res.stdout.splitlines():
+        if line.strip().startswith("output:"):
+            for out in map(Path, line.split(":", 1)[1].strip().split(", ")):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.mkdir() if out.suffix in ("", ".zarr") else out.write_text("x")
+    res = snakemake(target, "--touch", "--forceall", "--cores", "1", "--configfile", str(cfg_path),
+                    "--directory", str(work))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    res = snakemake("-n", target, "--configfile", str(cfg_path), "--directory", str(work))
+    assert "Nothing to be done" in res.stdout + res.stderr, res.stdout[-2000:]
+
+
+def test_switching_an_input_file_in_the_config_rebuilds(tmp_path):
+    """Under the default profile, pointing instructions.stage1 at another (older) file rebuilds the instructions,
+    and nothing upstream: mtime alone would keep those built from the previous file."""
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    for path in (first, second):
+        path.write_text("[]")
+    os.utime(second, (0, 0))
+    cfg = real_config(tmp_path, instructions={"stage1": str(first)})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    target = str(Path(cfg["results_dir"]) / "instructions" / "stage1.json")
+    finished_up_to(target, path, tmp_path)
+    cfg["instructions"]["stage1"] = str(second)
+    res = snakemake("-n", target, "--configfile", str(write_config(path, cfg)), "--directory", str(tmp_path))
+    assert res.returncode == 0 and "Set of input files has changed" in res.stdout, res.stdout[-2000:]
+    assert re.findall(r"^rule (\w+):$", res.stdout, flags=re.M) == ["build_instructions_stage"]
+
+
 # ------------------------------------------------------------------------------------------------ SLURM, for real
 
 
