@@ -151,3 +151,77 @@ def test_switching_an_input_file_in_the_config_rebuilds(tmp_path):
 # ------------------------------------------------------------------------------------------------ SLURM, for real
 
 
+STAND_IN = """#!/bin/sh
+# {name} as a SLURM cluster without jobs answers it; sbatch records its argv and gives a job id.
+if [ "{name}" = sbatch ]; then printf '%s\\n' "$*" >> "{log}"; echo $$; fi
+exit 0
+"""
+
+
+def submissions(tmp_path: Path, cfg_path: Path, *args: str, expected: int) -> list[str]:
+    """The sbatch argv (up to the wrapped command) of each job that `snakemake --profile profiles/slurm *args`
+    submits, once `expected` are in (Snakemake then waits on SLURM, so it is stopped)."""
+    fake = tmp_path / "slurm-bin"
+    fake.mkdir(exist_ok=True)
+    log = tmp_path / "sbatch.log"
+    log.unlink(missing_ok=True)
+    for name in ("sbatch", "squeue", "sacct", "sacctmgr", "sshare", "sinfo", "scontrol", "scancel"):
+        (fake / name).write_text(STAND_IN.format(name=name, log=log))
+        (fake / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{path_without_venv()}")
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--profile", "profiles/slurm", "--directory", str(tmp_path),
+                             *args, "--configfile", str(cfg_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and len(log.read_text().splitlines()) >= expected:
+                time.sleep(3)  # a further submission would show up now
+                break
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0]
+    shutil.rmtree(tmp_path / ".snakemake" / "locks", ignore_errors=True)  # the stopped run's
+    lines = log.read_text().splitlines() if log.is_file() else []
+    assert len(lines) == expected, output[-3000:]
+    return [line.split(" --wrap", 1)[0] for line in lines]
+
+
+def cohort(tmp_path: Path, n: int, **blocks) -> tuple[dict, Path]:
+    """A user's config with `n` slides, segmented and tiled (stand-ins)."""
+    cfg = real_config(tmp_path, **blocks)
+    slides = Path(cfg["slides"]["dir"])
+    for i in range(n):
+        shutil.copy(slides / "a.svs", slides / f"s{i}.svs")
+    (slides / "a.svs").unlink()
+    cfg["features"]["device"] = "cuda"
+    path = write_config(tmp_path / "c.yaml", cfg)
+    finished_up_to("tile", path, tmp_path)
+    return cfg, path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stand-in SLURM commands are shell scripts")
+def test_slurm_extraction_groups_take_one_gpu_each_and_run_at_once(tmp_path):
+    """The workflow profile's gpu=1 limit holds per submission: a group of slides asks for one GPU and the sum of
+    its slides' times; groups are submitted together (with the limit global, one GPU job ran on the cluster)."""
+    _, path = cohort(tmp_path, 3)
+    (group,) = submissions(tmp_path, path, "extract_features", expected=1)
+    assert "--gpus=1" in group and " -t 45 " in group, group  # 3 slides x 15 min, one after another
+    singles = submissions(tmp_path, path, "extract_features", "--group-components", "extract_features=1", expected=3)
+    assert all("--gpus=1" in s and " -t 15 " in s for s in singles), singles
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stand-in SLURM commands are shell scripts")
+def test_slurm_training_asks_for_gpus_per_node_only(tmp_path):
+    """train.gpus_per_node: 8 (the README's config): stage 1 asks SLURM for 8 GPUs per node, without the
+    contradicting --gpus total that the rule's gpu count (capped to the workflow profile's 1) would add."""
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "c.json").write_text("[]")
+    cfg, path = cohort(tmp_path, 1, llm={"path": str(tmp_path / "llm")}, instructions={"stage1": str(tmp_path / "c.json")},
+                       train={"gpus_per_node": 8, "deepspeed": "configs/deepspeed/zero2.json"})
+    results = Path(cfg["results_dir"])
+    finished_up_to(str(results / "instructions" / "stage1.json"), path, tmp_path)
+    (train,) = submissions(tmp_path, path, str(results / "models" / "stage1"), expected=1)
+    assert "--gpus-per-node=8" in train and "--nodes=1" in train and "--gpus=" not in train, train
