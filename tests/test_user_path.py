@@ -21,6 +21,34 @@ import yaml
 from test_workflow import BIN, REPO, commands, path_without_venv, real_config, snakemake, write_config
 
 
+def readme_commands() -> list[list[str]]:
+    """The `snakemake` command lines of the README section "Running on your slides"."""
+    section = (REPO / "README.md").read_text().split("## Running on your slides", 1)[1].split("\n## ", 1)[0]
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("snakemake "):
+                found.append(shlex.split(line)[1:])
+    return found
+
+
+def test_readme_commands_run_as_written(tmp_path):
+    """Every command of "Running on your slides", as written (with -n added), plans its target with the user's
+    config: `--configfile` takes several files, so a target written after it would be read as a config file."""
+    cfg = real_config(tmp_path, llm={"path": str(tmp_path)},
+                      instructions={"stage1": str(tmp_path / "c.json"), "stage2": str(tmp_path / "c.json")})
+    (tmp_path / "c.json").write_text("[]")
+    write_config(tmp_path / "my.yaml", cfg)
+    lines = readme_commands()
+    assert len(lines) >= 5 and all("--configfile" in argv for argv in lines)
+    for argv in lines:
+        argv = [str(tmp_path / a) if a == "my.yaml" else a for a in argv if a != "--use-conda"]  # no conda here
+        res = snakemake("-n", *argv, timeout=300)
+        assert res.returncode == 0, f"{shlex.join(argv)}\n{(res.stdout + res.stderr)[-2000:]}"
+        assert "rule segment_tissue_slide:" in res.stdout, shlex.join(argv)
+
+
 def sheet_config(tmp_path: Path, sheet_text: str, **blocks) -> Path:
     sheet = tmp_path / "sheet.csv"
     sheet.write_text(sheet_text)
