@@ -253,3 +253,62 @@ def test_slurm_training_asks_for_gpus_per_node_only(tmp_path):
     finished_up_to(str(results / "instructions" / "stage1.json"), path, tmp_path)
     (train,) = submissions(tmp_path, path, str(results / "models" / "stage1"), expected=1)
     assert "--gpus-per-node=8" in train and "--nodes=1" in train and "--gpus=" not in train, train
+
+
+# ---------------------------------------------------------------------------------------------- --use-conda
+
+
+CONDA_STAND_IN = """#!{python}
+# conda as Snakemake calls it; `env create` makes an empty prefix, and the stand-in `activate` puts the
+# environment {env} (the pinned dependencies, without this package) on PATH.
+import json, os, sys
+args = sys.argv[1:]
+if args[:2] == ["info", "--json"]:
+    print(json.dumps({{"conda_prefix": {root!r}, "platform": "linux-64"}}))
+elif args == ["--version"]:
+    print("conda 25.1.1")
+elif args[:2] == ["config", "--get"]:
+    print(json.dumps({{"get": {{"channel_priority": "strict"}}}}))
+elif args[:2] == ["env", "create"]:
+    prefix = " ".join(args).split("--prefix ", 1)[1].split(" ")[0].strip('"')
+    os.makedirs(prefix, exist_ok=True)
+elif args[:1] == ["clean"]:
+    pass
+else:
+    sys.exit(f"conda stand-in: {{args}} not supported")
+"""
+
+
+def test_use_conda_jobs_import_the_checkout(tmp_path, cmu_crop_16):
+    """Under --use-conda Snakemake clears PYTHONPATH and the environment holds only the pinned dependencies
+    (conda cannot install the checkout from envs/slidechat.yaml: it runs pip from a copy of the file under
+    .snakemake/conda/): the jobs still run this checkout's commands. conda is a stand-in here (none on this
+    machine) whose environment is the test interpreter's packages without ours."""
+    import site
+    import venv
+
+    env = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env)
+    (next(env.glob("lib/python*/site-packages")) / "deps.pth").write_text(
+        "\n".join(p for p in site.getsitepackages() if "site-packages" in p) + "\n")  # plain paths: no editable finder
+    res = subprocess.run([str(env / "bin" / "python"), "-c", "import cv2, openslide, preprocessing"],
+                         capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert "No module named 'preprocessing'" in res.stderr, res.stderr  # the stand-in env lacks our package
+    conda = tmp_path / "conda"
+    (conda / "bin").mkdir(parents=True)
+    (conda / "bin" / "conda").write_text(CONDA_STAND_IN.format(python=sys.executable, env=env, root=str(conda)))
+    (conda / "bin" / "conda").chmod(0o755)
+    (conda / "bin" / "activate").write_text(f'export PATH="{env / "bin"}:$PATH"\n')
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_crop_16, slides / "tiny.svs")
+    cfg = {"results_dir": str(tmp_path / "results"), "slides": {"dir": str(slides)}}
+    env_vars = dict(os.environ, PATH=f"{conda / 'bin'}{os.pathsep}{path_without_venv()}")
+    env_vars.pop("PYTHONPATH", None)
+    res = subprocess.run([str(BIN / "snakemake"), "--use-conda", "--cores", "1", "segment_tissue", "--directory",
+                          str(tmp_path), "--configfile", str(write_config(tmp_path / "c.yaml", cfg))],
+                         cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=300)
+    log = tmp_path / "results" / "logs" / "segment_tissue" / "tiny.log"
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + (log.read_text() if log.exists() else "")
+    assert "Activating conda environment" in res.stdout + res.stderr
+    assert (tmp_path / "results" / "segmentation" / "tiny_segmentation.json").is_file()

@@ -21,15 +21,25 @@ DEMO = config["demo"]["enabled"]
 DEMO_DIR = f"{RESULTS}/demo"
 DEMO_CLASSES = 3  # preprocessing.synthetic.CLASSES
 
+
+def _shell_word(path):
+    """`path` as one shell word in a command Snakemake formats (braces doubled)."""
+    return shlex.quote(str(path)).replace("{", "{{").replace("}", "}}")
+
+
 # Jobs run the commands of the Python environment that runs Snakemake, so nothing has to be activated
-# (`.venv/bin/snakemake` is enough); under --use-conda each job's own environment provides them instead.
+# (`.venv/bin/snakemake` is enough). Under --use-conda each job's environment (envs/slidechat.yaml) provides the
+# pinned dependencies and the job imports this checkout's packages: Snakemake clears PYTHONPATH for conda jobs,
+# so it is set in the job's shell (the env cannot install the checkout: conda runs its pip from a copy of the
+# env file under .snakemake/conda/, where a relative path names .snakemake/).
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    _bin = (
-        shlex.quote(str(Path(sys.executable).parent))
-        .replace("{", "{{")
-        .replace("}", "}}")
+    shell.prefix(
+        f'set -euo pipefail; export PATH={_shell_word(Path(sys.executable).parent)}:"$PATH"; '
     )
-    shell.prefix(f'set -euo pipefail; export PATH={_bin}:"$PATH"; ')
+else:
+    shell.prefix(
+        f"set -euo pipefail; export PYTHONPATH={_shell_word(workflow.basedir)}; "
+    )
 
 
 wildcard_constraints:
