@@ -80,6 +80,16 @@ def test_empty_sample_sheet_names_the_sheet(tmp_path):
     assert res.returncode != 0 and f"slides.sample_sheet {tmp_path / 'sheet.csv'} lists no slides" in out, out[-2000:]
 
 
+def test_sample_sheet_columns_the_workflow_does_not_use_are_named(tmp_path):
+    """A `split` column (or any other) does not keep slides out of training: the load says so, once, naming them."""
+    (tmp_path / "a.svs").write_bytes(b"x")
+    path = sheet_config(tmp_path, f"slide_id,path,split,case\nfirst,{tmp_path / 'a.svs'},test,c1\n")
+    res = snakemake("-n", "tile", "--configfile", str(path))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-2000:]
+    assert "columns split, case are not used" in out and "evaluation.benchmarks" in out, out[-2000:]
+
+
 @pytest.mark.parametrize("where", ["dir", "sample_sheet"])
 def test_braces_in_a_slide_file_name_are_refused_naming_the_file(tmp_path, where):
     """Snakemake reads `{...}` in a file name as a wildcard, whatever the quoting: the workflow refuses such a slide
@@ -312,3 +322,4 @@ def test_use_conda_jobs_import_the_checkout(tmp_path, cmu_crop_16):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + (log.read_text() if log.exists() else "")
     assert "Activating conda environment" in res.stdout + res.stderr
     assert (tmp_path / "results" / "segmentation" / "tiny_segmentation.json").is_file()
+

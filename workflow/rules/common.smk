@@ -70,7 +70,13 @@ def _sample_sheet_slides(sheet):
     validate(table, "../schemas/samples.schema.yaml")
     if table.empty:
         raise ValueError(
-            f"slides.sample_sheet {sheet} lists no slides (columns slide_id, path[, mpp][, split])"
+            f"slides.sample_sheet {sheet} lists no slides (columns slide_id, path[, mpp])"
+        )
+    unused = [c for c in table.columns if c not in ("slide_id", "path", "mpp")]
+    if unused:
+        logger.warning(
+            f"slides.sample_sheet {sheet}: columns {', '.join(unused)} are not used (slides are kept out of "
+            "training by evaluation.benchmarks and instructions.exclude_benchmarks, not by a split column)"
         )
     if table["slide_id"].duplicated().any():
         dups = sorted(table.loc[table["slide_id"].duplicated(), "slide_id"])
