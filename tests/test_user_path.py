@@ -67,7 +67,8 @@ def test_sample_sheet_empty_mpp_cell_is_no_override(tmp_path):
     res = snakemake("-n", "-p", "extract_features", "--configfile", str(path))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     for command in ("preprocessing segment", "preprocessing tile", "preprocessing extract"):
-        runs = {argv[argv.index("--slide-id") + 1]: argv for argv in commands(res.stdout, command)}
+        runs = {a.split("=", 1)[1]: argv for argv in commands(res.stdout, command) for a in argv
+                if a.startswith("--slide-id=")}
         assert set(runs) == {"with_mpp", "from_file"}, command
         assert "--mpp=0.25" in runs["with_mpp"], command
         assert not [a for a in runs["from_file"] if a.startswith("--mpp")], (command, runs["from_file"])
@@ -89,6 +90,24 @@ def test_sample_sheet_columns_the_workflow_does_not_use_are_named(tmp_path):
     assert res.returncode == 0, out[-2000:]
     assert "columns split, case are not used" in out and "evaluation.benchmarks" in out, out[-2000:]
 
+
+def test_slide_names_starting_with_a_dash_run(tmp_path, cmu_crop_16):
+    """`-x.svs` in slides.dir (slide id `-x`) and a sheet path `-y.svs` (relative to the working directory) reach
+    the commands as values, not as options: segmentation, tiling and extraction run for real."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_crop_16, slides / "-x.svs")
+    shutil.copy(cmu_crop_16, tmp_path / "-y.svs")
+    features = {"encoder": "conch_tiny", "device": "cpu", "num_workers": 0}
+    for name, slides_cfg in (("-x", {"dir": str(slides)}), ("y", {"sample_sheet": str(tmp_path / "sheet.csv")})):
+        (tmp_path / "sheet.csv").write_text("slide_id,path\ny,-y.svs\n")
+        results = tmp_path / f"results{name}"
+        cfg = {"results_dir": str(results), "slides": slides_cfg, "features": features}
+        res = snakemake("--cores", "1", "extract_features", "--directory", str(tmp_path), "--configfile",
+                        str(write_config(tmp_path / "c.yaml", cfg)))
+        logs = "".join(p.read_text() for p in (results / "logs").rglob("*.log")) if (results / "logs").is_dir() else ""
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + logs
+        assert next((results / "features").glob(f"*/{name}.zarr")).is_dir()
 
 @pytest.mark.parametrize("where", ["dir", "sample_sheet"])
 def test_braces_in_a_slide_file_name_are_refused_naming_the_file(tmp_path, where):
