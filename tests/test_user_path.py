@@ -72,6 +72,11 @@ def test_sample_sheet_empty_mpp_cell_is_no_override(tmp_path):
         assert set(runs) == {"with_mpp", "from_file"}, command
         assert "--mpp=0.25" in runs["with_mpp"], command
         assert not [a for a in runs["from_file"] if a.startswith("--mpp")], (command, runs["from_file"])
+    # the same slide's pixel size twice, differently: which one is meant is the user's to say
+    cfg = yaml.safe_load(path.read_text())
+    cfg["mpp_overrides"] = {"with_mpp": 0.5}
+    res = snakemake("-n", "tile", "--configfile", str(write_config(path, cfg)))
+    assert res.returncode != 0 and "slide with_mpp: mpp 0.25 in slides.sample_sheet" in res.stdout + res.stderr
 
 
 def test_empty_sample_sheet_names_the_sheet(tmp_path):

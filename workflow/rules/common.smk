@@ -90,7 +90,12 @@ def _sample_sheet_slides(sheet):
             )
         # an empty cell: the file's own pixel size (validate() writes empty cells back as NaN)
         if pd.notna(getattr(row, "mpp", None)):
-            config["mpp_overrides"].setdefault(row.slide_id, float(row.mpp))
+            given = config["mpp_overrides"].setdefault(row.slide_id, float(row.mpp))
+            if given != float(row.mpp):
+                raise ValueError(
+                    f"slide {row.slide_id}: mpp {row.mpp:g} in slides.sample_sheet {sheet} and {given:g} in "
+                    "mpp_overrides; keep one"
+                )
     return dict(zip(table["slide_id"], table["path"]))
 
 
