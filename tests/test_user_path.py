@@ -176,6 +176,22 @@ def test_allow_unusual_slide_reaches_tiling_too(tmp_path, cmu_small):
     assert (tmp_path / "results" / "patches" / "coarse.h5").is_file()
 
 
+def test_a_wrong_deepspeed_path_stops_the_run_before_any_job(tmp_path):
+    """A typo in train.deepspeed is reported when the run is planned, not when training starts after the features
+    are extracted (and on SLURM, after the queue)."""
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "c.json").write_text("[]")
+    cfg = real_config(tmp_path, llm={"path": str(tmp_path / "llm")}, instructions={"stage1": str(tmp_path / "c.json")},
+                      train={"deepspeed": str(tmp_path / "zero2.jsn")})
+    res = snakemake("-n", "train_stage1", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and f"train.deepspeed: file not found: {tmp_path / 'zero2.jsn'}" in out, out[-2000:]
+    res = snakemake("-n", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode == 0  # checked by the rules that use it only
+    cfg["train"]["deepspeed"] = str(REPO / "configs" / "deepspeed" / "zero2.json")
+    res = snakemake("-n", "-p", "train_stage1", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode == 0 and f"--deepspeed={cfg['train']['deepspeed']}" in res.stdout, res.stdout[-2000:]
+
 def finished_up_to(target: str, cfg_path: Path, work: Path) -> None:
     """As after a finished run up to `target`: every output of its jobs exists (stand-ins) and Snakemake has
     recorded the jobs (`--touch --forcerun`), so nothing is left to do for it."""
@@ -281,8 +297,9 @@ def test_slurm_training_asks_for_gpus_per_node_only(tmp_path):
     contradicting --gpus total that the rule's gpu count (capped to the workflow profile's 1) would add."""
     (tmp_path / "llm").mkdir()
     (tmp_path / "c.json").write_text("[]")
-    cfg, path = cohort(tmp_path, 1, llm={"path": str(tmp_path / "llm")}, instructions={"stage1": str(tmp_path / "c.json")},
-                       train={"gpus_per_node": 8, "deepspeed": "configs/deepspeed/zero2.json"})
+    cfg, path = cohort(tmp_path, 1, llm={"path": str(tmp_path / "llm")},
+                       instructions={"stage1": str(tmp_path / "c.json")},
+                       train={"gpus_per_node": 8, "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")})
     results = Path(cfg["results_dir"])
     finished_up_to(str(results / "instructions" / "stage1.json"), path, tmp_path)
     (train,) = submissions(tmp_path, path, str(results / "models" / "stage1"), expected=1)

@@ -310,14 +310,24 @@ def slide_map_args(wildcards, input):
 
 
 def train_args(stage):
-    """Flags of `slidechat train` from train.stage<N>, the train-level keys and the `model` section."""
-    train = config["train"]
-    shared = {
-        "deepspeed": train["deepspeed"],
-        "gpus_per_node": train["gpus_per_node"],
-        "model_config": json.dumps(config["model"], sort_keys=True),
-    }
-    return f"{stage_args('train_stage', 'train', f'stage{stage}')} {shell_args(shared)}"
+    """Flags of `slidechat train` from train.stage<N>, the train-level keys and the `model` section: a params
+    function, so train.deepspeed is checked when a training job is planned (not an input: editing the JSON does
+    not retrain)."""
+
+    def args(wildcards):
+        train = config["train"]
+        if train["deepspeed"] and not Path(train["deepspeed"]).is_file():
+            raise ValueError(
+                f"train.deepspeed: file not found: {train['deepspeed']} (e.g. configs/deepspeed/zero2.json)"
+            )
+        shared = {
+            "deepspeed": train["deepspeed"],
+            "gpus_per_node": train["gpus_per_node"],
+            "model_config": json.dumps(config["model"], sort_keys=True),
+        }
+        return f"{stage_args('train_stage', 'train', f'stage{stage}')} {shell_args(shared)}"
+
+    return args
 
 
 # ------------------------------------------------------------------------------------------- what `all` builds
