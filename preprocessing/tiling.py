@@ -424,6 +424,20 @@ def recorded_preset(seg_dir: str | Path | None, slide_id: str) -> str | None:
         return None
 
 
+def check_segmentation_preset(seg_dir: str | Path, slide_id: str, preset: str | None) -> None:
+    """Refuse tiling with a preset whose segmentation differs from the one `seg_dir` recorded: a preset sets both
+    halves (CLAM's grid needs CLAM's contours), so a mix reproduces neither tool. A folder without a recorded
+    segmentation (a mask and contours from elsewhere, e.g. TRIDENT's GeoJSON) is taken as it is."""
+    if not segmentation_paths(Path(seg_dir), slide_id)["json"].is_file():
+        return
+    made = recorded_preset(seg_dir, slide_id)
+    if preset_values(made, "segmentation") != preset_values(preset, "segmentation"):
+        raise SlideError(
+            f"slide {slide_id}: the segmentation in {seg_dir} was made with preset {made or 'default'!r}, not "
+            f"{preset or 'default'!r}; segment with --preset {preset or 'default'} first, or leave out --preset "
+            f"(tiling then follows the segmentation)")
+
+
 def run_tiling(
     ws: WholeSlide, params: TilingParams, out_dir: Path, seg_params: SegmentationParams, seg_dir: str | Path | None,
     preset: str | None = None,
@@ -431,7 +445,9 @@ def run_tiling(
     """Tiling of an open slide. Without `seg_dir`, segments first and writes those outputs to `out_dir`."""
     if not seg_params.allow_unusual_slide:
         ws.check_plausible()
-    if seg_dir is None:
+    if seg_dir is not None:
+        check_segmentation_preset(seg_dir, ws.slide_id, preset)
+    else:
         # segment here; the outputs then sit in out_dir like those of `segment`
         result = segment_slide_object(ws, seg_params)
         write_segmentation(result, ws, seg_params, out_dir, preset)

@@ -325,3 +325,24 @@ def test_default_keeps_tissue_at_the_slide_edge(tcga_jp2k_no_mpp, tmp_path):
     assert (coords[:, 0] + 448 > 4443).any()
     padded_off, _ = load_coords(tile_slide(tcga_jp2k_no_mpp, tmp_path / "inside", mpp=0.25, use_padding=False))
     assert (padded_off[:, 0] + 448 <= 4443).all() and len(padded_off) < len(coords)
+
+
+def test_tile_refuses_a_preset_the_segmentation_was_not_made_with(cmu_small, tmp_path):
+    """`tile --seg-dir SEG --preset clam` on a default segmentation mixed our contours with CLAM's tiling (62 patches
+    on CMU, where CLAM itself keeps 0): refused, naming both presets. Presets with the same segmentation (the
+    `clam_tcga` alias) and a folder without a recorded segmentation (TRIDENT's own GeoJSON) are accepted."""
+    seg_dir = tmp_path / "seg"
+    segment_slide(cmu_small, seg_dir)
+    with pytest.raises(SlideError, match=r"made with preset 'default', not 'clam'"):
+        tile_slide(cmu_small, tmp_path / "t", preset="clam", seg_dir=seg_dir)
+    res = run_cli("tile", "--slide", str(cmu_small), "--out", str(tmp_path / "t"), "--seg-dir", str(seg_dir),
+                  "--preset", "trident")
+    assert res.returncode != 0 and "made with preset 'default', not 'trident'" in res.stderr, res.stderr
+    assert not (tmp_path / "t" / "CMU-1-Small-Region.h5").exists()
+    assert len(load_coords(tile_slide(cmu_small, tmp_path / "d", preset="default", seg_dir=seg_dir))[0]) == 69
+    clam_dir = tmp_path / "clam"
+    segment_slide(cmu_small, clam_dir, preset="clam", min_tissue_area_um2=1)  # tcga.csv with a_t = 1
+    coords, attrs = load_coords(tile_slide(cmu_small, tmp_path / "c", preset="clam_tcga", seg_dir=clam_dir))
+    assert attrs["tiling_rule"] == "clam" and len(coords) == 62
+    (clam_dir / "CMU-1-Small-Region_segmentation.json").unlink()  # mask and contours from elsewhere
+    assert load_coords(tile_slide(cmu_small, tmp_path / "e", preset="clam", seg_dir=clam_dir))[1]["tiling_rule"] == "clam"

@@ -374,8 +374,8 @@ def test_slides_discovered_from_folder_and_sample_sheet(tmp_path):
     res = snakemake("-n", "-p", "tile", "--configfile", str(path))
     assert res.returncode == 0, res.stderr
     assert sorted(set(re.findall(r"wildcards: slide=(\S+)", res.stdout))) == ["first", "second"]
-    first = next(a for a in commands(res.stdout, "preprocessing tile") if "first" in a)
-    assert first[first.index("--slide-id") + 1] == "first" and "--mpp=0.25" in first  # the sheet's id and mpp
+    first = next(a for a in commands(res.stdout, "preprocessing tile") if "--slide-id=first" in a)
+    assert "--mpp=0.25" in first  # the sheet's id and mpp
     sheet.write_text("slide_id,path\nbad id,x.svs\n")
     res = snakemake("-n", "tile", "--configfile", str(path))
     assert res.returncode != 0 and "slide_id" in res.stdout + res.stderr

@@ -26,15 +26,25 @@ DEMO = config["demo"]["enabled"]
 DEMO_DIR = f"{RESULTS}/demo"
 DEMO_CLASSES = 3  # preprocessing.synthetic.CLASSES
 
+
+def _shell_word(path):
+    """`path` as one shell word in a command Snakemake formats (braces doubled)."""
+    return shlex.quote(str(path)).replace("{", "{{").replace("}", "}}")
+
+
 # Jobs run the commands of the Python environment that runs Snakemake, so nothing has to be activated
-# (`.venv/bin/snakemake` is enough); under --use-conda each job's own environment provides them instead.
+# (`.venv/bin/snakemake` is enough). Under --use-conda each job's environment (envs/slidechat.yaml) provides the
+# pinned dependencies and the job imports this checkout's packages: Snakemake clears PYTHONPATH for conda jobs,
+# so it is set in the job's shell (the env cannot install the checkout: conda runs its pip from a copy of the
+# env file under .snakemake/conda/, where a relative path names .snakemake/).
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    _bin = (
-        shlex.quote(str(Path(sys.executable).parent))
-        .replace("{", "{{")
-        .replace("}", "}}")
+    shell.prefix(
+        f'set -euo pipefail; export PATH={_shell_word(Path(sys.executable).parent)}:"$PATH"; '
     )
-    shell.prefix(f'set -euo pipefail; export PATH={_bin}:"$PATH"; ')
+else:
+    shell.prefix(
+        f"set -euo pipefail; export PYTHONPATH={_shell_word(workflow.basedir)}; "
+    )
 
 
 wildcard_constraints:
@@ -50,21 +60,47 @@ def _demo_slides():
     return {f"demo-{i:03d}": f"{DEMO_DIR}/slides/demo-{i:03d}.svs" for i in range(n)}
 
 
+def _check_file_name(path):
+    """Snakemake reads `{...}` in any file name as a wildcard, quoted or not: refuse it here, naming the file."""
+    if "{" in str(path) or "}" in str(path):
+        raise ValueError(
+            f"{path}: Snakemake cannot take '{{' or '}}' in a file name; rename the slide "
+            "(or list a link to it under another name in slides.sample_sheet)"
+        )
+
+
 def _sample_sheet_slides(sheet):
     table = pd.read_csv(sheet, dtype={"slide_id": str, "path": str})
     table = table.astype(object).where(table.notna(), None)
     validate(table, "../schemas/samples.schema.yaml")
+    if table.empty:
+        raise ValueError(
+            f"slides.sample_sheet {sheet} lists no slides (columns slide_id, path[, mpp])"
+        )
+    unused = [c for c in table.columns if c not in ("slide_id", "path", "mpp")]
+    if unused:
+        logger.warning(
+            f"slides.sample_sheet {sheet}: columns {', '.join(unused)} are not used (slides are kept out of "
+            "training by evaluation.benchmarks and instructions.exclude_benchmarks, not by a split column)"
+        )
     if table["slide_id"].duplicated().any():
         dups = sorted(table.loc[table["slide_id"].duplicated(), "slide_id"])
         raise ValueError(f"slides.sample_sheet {sheet}: duplicate slide_id {dups}")
     for row in table.itertuples():
         # A path is data: it reaches commands quoted, and it must name an existing slide file.
+        _check_file_name(row.path)
         if not Path(row.path).is_file():
             raise ValueError(
                 f"slides.sample_sheet {sheet}: slide {row.slide_id}: path {row.path!r} is not a file"
             )
-        if getattr(row, "mpp", None):
-            config["mpp_overrides"].setdefault(row.slide_id, float(row.mpp))
+        # an empty cell: the file's own pixel size (validate() writes empty cells back as NaN)
+        if pd.notna(getattr(row, "mpp", None)):
+            given = config["mpp_overrides"].setdefault(row.slide_id, float(row.mpp))
+            if given != float(row.mpp):
+                raise ValueError(
+                    f"slide {row.slide_id}: mpp {row.mpp:g} in slides.sample_sheet {sheet} and {given:g} in "
+                    "mpp_overrides; keep one"
+                )
     return dict(zip(table["slide_id"], table["path"]))
 
 
@@ -76,6 +112,7 @@ def _discovered_slides(folder, extensions):
                 f"{folder}/{{slide_id,[^/]+}}.{variant}"
             ).slide_id:
                 path = f"{folder}/{slide_id}.{variant}"
+                _check_file_name(path)
                 if slide_id in found and found[slide_id] != path:
                     raise ValueError(
                         f"slide id {slide_id!r} is ambiguous: {found[slide_id]} and {path}"
@@ -95,6 +132,15 @@ if not SLIDES:
     raise ValueError(
         f"no slides found in slides.dir={config['slides']['dir']!r} with extensions "
         f"{config['slides']['extensions']}; set slides.dir or slides.sample_sheet (or demo.enabled: true)"
+    )
+
+# An override for an id no slide has would be ignored while the slide it meant kept its file's pixel size.
+_unknown_mpp = sorted(set(config["mpp_overrides"]) - set(SLIDES))
+if _unknown_mpp:
+    raise ValueError(
+        f"mpp_overrides: no slide has the id {', '.join(map(repr, _unknown_mpp))}; slide ids are the file names "
+        f"without extension, or the sample sheet's slide_id: {', '.join(map(repr, list(SLIDES)[:8]))}"
+        + (", ..." if len(SLIDES) > 8 else "")
     )
 
 # Output folders. The feature set name encodes everything that changes the features, so a different
@@ -146,6 +192,13 @@ def slide_path(wildcards):
 
 def mpp_args(wildcards):
     return shell_args({"mpp": config["mpp_overrides"].get(wildcards.slide)})
+
+
+def unusual_slide_args(wildcards):
+    """Tiling checks the slide's sanity bounds again: the segmentation key that lifts them applies there too."""
+    return (
+        "--allow-unusual-slide" if config["segmentation"]["allow_unusual_slide"] else ""
+    )
 
 
 def feature_store(slide):
@@ -263,14 +316,24 @@ def slide_map_args(wildcards, input):
 
 
 def train_args(stage):
-    """Flags of `slidechat train` from train.stage<N>, the train-level keys and the `model` section."""
-    train = config["train"]
-    shared = {
-        "deepspeed": train["deepspeed"],
-        "gpus_per_node": train["gpus_per_node"],
-        "model_config": json.dumps(config["model"], sort_keys=True),
-    }
-    return f"{stage_args('train_stage', 'train', f'stage{stage}')} {shell_args(shared)}"
+    """Flags of `slidechat train` from train.stage<N>, the train-level keys and the `model` section: a params
+    function, so train.deepspeed is checked when a training job is planned (not an input: editing the JSON does
+    not retrain)."""
+
+    def args(wildcards):
+        train = config["train"]
+        if train["deepspeed"] and not Path(train["deepspeed"]).is_file():
+            raise ValueError(
+                f"train.deepspeed: file not found: {train['deepspeed']} (e.g. configs/deepspeed/zero2.json)"
+            )
+        shared = {
+            "deepspeed": train["deepspeed"],
+            "gpus_per_node": train["gpus_per_node"],
+            "model_config": json.dumps(config["model"], sort_keys=True),
+        }
+        return f"{stage_args('train_stage', 'train', f'stage{stage}')} {shell_args(shared)}"
+
+    return args
 
 
 # ------------------------------------------------------------------------------------------- what `all` builds

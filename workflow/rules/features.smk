@@ -28,8 +28,8 @@ rule extract_features_slide:
         mpp=mpp_args,
         features=stage_args("features", "features"),
     shell:
-        "python -m preprocessing extract --slide {input.slide:q} --slide-id {wildcards.slide:q} "
-        "--coords {input.coords:q} --out {params.out:q} {params.features} {params.mpp} > {log:q} 2>&1"
+        "python -m preprocessing extract --slide={input.slide:q} --slide-id={wildcards.slide:q} "
+        "--coords={input.coords:q} --out {params.out:q} {params.features} {params.mpp} > {log:q} 2>&1"
 
 
 rule extract_features:

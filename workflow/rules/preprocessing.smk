@@ -25,7 +25,7 @@ rule segment_tissue_slide:
         mpp=mpp_args,
         seg=stage_args("segmentation", "segmentation"),
     shell:
-        "python -m preprocessing segment --slide {input.slide:q} --slide-id {wildcards.slide:q} "
+        "python -m preprocessing segment --slide={input.slide:q} --slide-id={wildcards.slide:q} "
         "--out {params.out:q} {params.mpp} {params.seg} > {log:q} 2>&1"
 
 
@@ -64,9 +64,11 @@ rule tile_slide:
         seg_dir=lambda wildcards, input: parent_dir(input.mask),
         mpp=mpp_args,
         tiling=stage_args("tiling", "tiling"),
+        unusual=unusual_slide_args,
     shell:
-        "python -m preprocessing tile --slide {input.slide:q} --slide-id {wildcards.slide:q} "
-        "--out {params.out:q} --seg-dir {params.seg_dir:q} {params.mpp} {params.tiling} > {log:q} 2>&1"
+        "python -m preprocessing tile --slide={input.slide:q} --slide-id={wildcards.slide:q} "
+        "--out {params.out:q} --seg-dir {params.seg_dir:q} {params.mpp} {params.tiling} {params.unusual} "
+        "> {log:q} 2>&1"
 
 
 rule tile:
