@@ -14,6 +14,7 @@ that `slidechat ask` and the page's "preprocess" button fill (`<cache>/<id>/segm
 from __future__ import annotations
 
 import csv
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,14 +128,15 @@ class OutputFinder:
         return self.cache_dir / entry.slide_id
 
     def find(self, entry: SlideEntry) -> SlideOutputs:
-        stem = entry.path.stem
+        # names are matched literally: a slide called `a[1]` must not find the outputs of `a1`
+        stem, sid = glob.escape(entry.path.stem), glob.escape(entry.slide_id)
         places: list[tuple[list[Path], list[Path], list[Path]]] = []
         if self.results_dir is not None:
             r = self.results_dir
             places.append(([r / "segmentation" / f"{entry.slide_id}.geojson"], [r / "patches" / f"{entry.slide_id}.h5"],
-                           sorted(r.glob(f"features/*/{entry.slide_id}.zarr")) + sorted(r.glob(f"features/*/{entry.slide_id}.h5"))))
+                           sorted(r.glob(f"features/*/{sid}.zarr")) + sorted(r.glob(f"features/*/{sid}.h5"))))
         c = self.cache_of(entry)
-        places.append(([c / "segmentation" / f"{stem}.geojson"], sorted(c.glob(f"tiles-*/{stem}.h5")),
+        places.append(([c / "segmentation" / f"{entry.path.stem}.geojson"], sorted(c.glob(f"tiles-*/{stem}.h5")),
                        sorted(c.glob(f"features-*/{stem}.zarr"))))
         geojson = coords = store = None
         for geo_list, coord_list, stores in places:
