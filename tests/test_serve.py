@@ -310,8 +310,9 @@ def test_other_sites_cannot_reach_the_page(served):
     assert client.get("/api/slides", headers={"host": "evil.example.com"}).status_code == 403
     assert client.get("/", headers={"host": "evil.example.com:8000"}).status_code == 403
     assert client.get("/api/slides/ready-1/image.dzi", headers={"host": "[::1]:8000"}).status_code == 200
-    r = client.post("/api/slides/new-api/preprocess", headers={"origin": "http://evil.example.com"})
-    assert r.status_code == 403 and served.state.preprocessor.job("new-api") is None
+    before = served.state.preprocessor.job("new-page")
+    r = client.post("/api/slides/new-page/preprocess", headers={"origin": "http://evil.example.com"})
+    assert r.status_code == 403 and served.state.preprocessor.job("new-page") is before
     r = client.post("/api/slides/ready-1/chat", json={"question": QUESTION}, headers={"origin": "null"})
     assert r.status_code == 403
     same = client.post("/api/slides/ready-1/chat", json={"question": QUESTION}, headers={"origin": "http://127.0.0.1"})
@@ -319,7 +320,7 @@ def test_other_sites_cannot_reach_the_page(served):
     # bound to every interface on purpose (--host 0.0.0.0): other names reach it, other sites still cannot POST
     open_client = client_over(served, served.state.slides, served.results, loopback_only=False)
     assert open_client.get("/api/slides", headers={"host": "pathology-box.lan:8000"}).status_code == 200
-    assert open_client.post("/api/slides/new-api/preprocess", headers={"origin": "http://evil.example.com"}
+    assert open_client.post("/api/slides/new-page/preprocess", headers={"origin": "http://evil.example.com"}
                             ).status_code == 403
 
 

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -44,6 +45,7 @@ TILE_QUALITY = 80
 MAX_QUESTION_CHARS = 4000
 MAX_HISTORY_TURNS = 32
 TOP_PATCHES = 5
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ServeState:
     worker: ModelWorker
     preprocessor: Preprocessor
     model_name: str
+    loopback_only: bool = True  # bound to this machine only: answer only requests addressed to it
 
 
 class ChatRequest(BaseModel):
@@ -114,12 +117,26 @@ def patch_grid(outputs: SlideOutputs) -> dict[str, Any] | None:
 def create_app(state: ServeState) -> Any:
     """The FastAPI application over `state`."""
     from fastapi import Body, FastAPI, HTTPException
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     app = FastAPI(title="slidechat serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     slides = _OpenSlides()
+
+    @app.middleware("http")
+    async def this_machine_and_this_page_only(request: Any, call_next: Any) -> Any:
+        # Binding 127.0.0.1 keeps other machines out, not other web sites: a page elsewhere can make the
+        # browser send requests here (a cross-site POST), or rebind its own name to 127.0.0.1 and read the
+        # answers (DNS rebinding). So: the Host must name this machine, and a browser's POST must come from
+        # this page (browsers send Origin with every POST).
+        host = request.headers.get("host", "")
+        if state.loopback_only and urlsplit("//" + host).hostname not in LOOPBACK_HOSTS:
+            return PlainTextResponse(f"slidechat serve answers requests to {', '.join(LOOPBACK_HOSTS)} only", 403)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != host:
+            return PlainTextResponse("cross-site request refused", 403)
+        return await call_next(request)
 
     def entry_of(slide_id: str) -> SlideEntry:
         # the only way from a request to a file: an exact key of the table built at start-up
@@ -307,7 +324,8 @@ def build_state(a: argparse.Namespace) -> ServeState:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"--model {model_dir}: cannot load the model ({exc})") from exc
     worker = ModelWorker(model, max_new_tokens=a.max_new_tokens, attribution_steps=a.attribution_steps)
-    return ServeState(table, finder, worker, Preprocessor(settings, finder, reason), model_dir.name)
+    return ServeState(table, finder, worker, Preprocessor(settings, finder, reason), model_dir.name,
+                      loopback_only=a.host in LOOPBACK_HOSTS)
 
 
 def main(argv: list[str]) -> int:
@@ -318,7 +336,7 @@ def main(argv: list[str]) -> int:
     sock = bind_socket(a.host, a.port)  # before the (slow) model load: a taken port fails at once
     state = build_state(a)
     host, port = sock.getsockname()[:2]
-    if a.host not in ("127.0.0.1", "localhost", "::1"):
+    if not state.loopback_only:
         print(f"slidechat serve: warning: listening on {a.host}, reachable from other machines", flush=True)
     ready = sum(state.finder.find(e).stage == "ready" for e in state.slides.values())
     print(f"slidechat serve: {len(state.slides)} slides ({ready} ready), model {state.model_name}; "
