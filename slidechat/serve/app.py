@@ -23,11 +23,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from slidechat.inference import DEFAULT_CACHE, FeatureSettings, model_feature_config
 from slidechat.serve.attribution import display_heat
@@ -43,7 +43,9 @@ TILE_SIZE = 254
 TILE_OVERLAP = 1
 TILE_QUALITY = 80
 MAX_QUESTION_CHARS = 4000
+MAX_ANSWER_CHARS = 16000
 MAX_HISTORY_TURNS = 32
+MAX_HISTORY_CHARS = 32000  # text of the earlier turns given to the model (~8k tokens); older turns are left out
 TOP_PATCHES = 5
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -63,8 +65,22 @@ class ServeState:
 class ChatRequest(BaseModel):
     """A question and the conversation so far ([question, answer] pairs), as the page sends them."""
 
-    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    history: list[tuple[str, str]] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS)
+    question: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
+    history: list[tuple[Annotated[str, Field(max_length=MAX_QUESTION_CHARS)],
+                        Annotated[str, Field(max_length=MAX_ANSWER_CHARS)]]] = Field(
+        default_factory=list, max_length=MAX_HISTORY_TURNS)
+
+
+def recent_history(history: list[tuple[str, str]], budget: int = MAX_HISTORY_CHARS) -> list[tuple[str, str]]:
+    """The latest turns whose text fits in `budget` characters: one long conversation must not hold the
+    model (and every other user's question behind it) for minutes."""
+    kept, used = [], 0
+    for question, answer in reversed(history):
+        used += len(question) + len(answer)
+        if used > budget:
+            break
+        kept.append((question, answer))
+    return kept[::-1]
 
 
 class _OpenSlides:
@@ -227,10 +243,12 @@ def create_app(state: ServeState) -> Any:
         outputs = state.finder.find(entry)
         if outputs.store is None:
             raise HTTPException(409, f"slide {slide_id} has no features yet: preprocess it first")
-        future = state.worker.submit(state.worker.answer, outputs.store, request.question, request.history)
+        history = recent_history(request.history)
+        future = state.worker.submit(state.worker.answer, outputs.store, request.question, history)
         reply = await asyncio.wrap_future(future)
         out: dict[str, Any] = {"answer": reply.answer, "answer_seconds": round(reply.answer_seconds, 3),
-                               "attribution_seconds": round(reply.attribution_seconds, 3)}
+                               "attribution_seconds": round(reply.attribution_seconds, 3),
+                               "history_used": len(history)}
         if reply.heat is not None:
             shown = display_heat(reply.heat)
             order = np.argsort(-reply.heat, kind="stable")

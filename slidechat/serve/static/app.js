@@ -275,7 +275,9 @@ function answerView(turn, k) {
   if (turn.display) {
     const meta = document.createElement("div");
     meta.className = "answer-meta";
-    meta.textContent = `answer ${turn.answer_seconds}s, heatmap ${turn.attribution_seconds}s · hottest patches:`;
+    const dropped = turn.history_sent - turn.history_used;
+    meta.textContent = `answer ${turn.answer_seconds}s, heatmap ${turn.attribution_seconds}s` +
+      (dropped > 0 ? ` · the ${dropped} oldest turns were left out (history budget)` : "") + " · hottest patches:";
     const chips = document.createElement("div");
     chips.className = "top-patches";
     turn.top.forEach((i, rank) => {
@@ -305,7 +307,7 @@ $("chat-form").addEventListener("submit", async (event) => {
   if (!id || !question) return;
   const turns = (state.chats[id] = state.chats[id] || []);
   const history = turns.filter((t) => !t.error && !t.pending).map((t) => [t.question, t.answer]);
-  const turn = { question, pending: true };
+  const turn = { question, pending: true, history_sent: history.length };
   turns.push(turn);
   $("question").value = "";
   renderChat();
