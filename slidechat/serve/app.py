@@ -31,10 +31,10 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from slidechat.inference import DEFAULT_CACHE, FeatureSettings, model_feature_config
 from slidechat.serve.attribution import display_heat
-from slidechat.serve.engine import ModelWorker, Preprocessor
+from slidechat.serve.engine import EmptySlideError, ModelWorker, Preprocessor
 from slidechat.serve.slides import OutputFinder, SlideEntry, SlideOutputs, read_slide_table
 from wsicore.cli import command_parser
-from wsicore.errors import InputError, UsageError
+from wsicore.errors import InputError, UsageError, UserError
 
 log = logging.getLogger("slidechat.serve")
 
@@ -99,9 +99,11 @@ class _OpenSlides:
             if entry.slide_id in self._open:
                 self._open.move_to_end(entry.slide_id)
                 return self._open[entry.slide_id]
+        from PIL import Image
+
         try:
-            slide = openslide.open_slide(str(entry.path))
-        except (OSError, openslide.OpenSlideError) as exc:
+            slide = openslide.open_slide(str(entry.path))  # a plain image (not a pyramid) opens through Pillow
+        except (OSError, openslide.OpenSlideError, Image.DecompressionBombError) as exc:
             raise InputError(f"slide {entry.slide_id}: cannot open {entry.path} ({exc})") from exc
         # limit_bounds=False: image coordinates are level-0 pixels, those of the GeoJSON and the patch coords
         dz = DeepZoomGenerator(slide, tile_size=TILE_SIZE, overlap=TILE_OVERLAP, limit_bounds=False)
@@ -133,7 +135,7 @@ def patch_grid(outputs: SlideOutputs) -> dict[str, Any] | None:
 def create_app(state: ServeState) -> Any:
     """The FastAPI application over `state`."""
     from fastapi import Body, FastAPI, HTTPException
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     app = FastAPI(title="slidechat serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -148,10 +150,10 @@ def create_app(state: ServeState) -> Any:
         # this page (browsers send Origin with every POST).
         host = request.headers.get("host", "")
         if state.loopback_only and urlsplit("//" + host).hostname not in LOOPBACK_HOSTS:
-            return PlainTextResponse(f"slidechat serve answers requests to {', '.join(LOOPBACK_HOSTS)} only", 403)
+            return JSONResponse({"detail": f"slidechat serve answers requests to {', '.join(LOOPBACK_HOSTS)} only"}, 403)
         origin = request.headers.get("origin")
         if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != host:
-            return PlainTextResponse("cross-site request refused", 403)
+            return JSONResponse({"detail": "cross-site request refused"}, 403)
         return await call_next(request)
 
     def entry_of(slide_id: str) -> SlideEntry:
@@ -245,7 +247,12 @@ def create_app(state: ServeState) -> Any:
             raise HTTPException(409, f"slide {slide_id} has no features yet: preprocess it first")
         history = recent_history(request.history)
         future = state.worker.submit(state.worker.answer, outputs.store, request.question, history)
-        reply = await asyncio.wrap_future(future)
+        try:
+            reply = await asyncio.wrap_future(future)
+        except EmptySlideError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except UserError as exc:  # a damaged store: the message names it
+            raise HTTPException(422, str(exc)) from exc
         out: dict[str, Any] = {"answer": reply.answer, "answer_seconds": round(reply.answer_seconds, 3),
                                "attribution_seconds": round(reply.attribution_seconds, 3),
                                "history_used": len(history)}

@@ -2,6 +2,9 @@
 "use strict";
 
 const api = (path) => fetch(path).then((r) => (r.ok ? r.json() : Promise.reject(r)));
+// an error's message: FastAPI's {"detail": ...}, or the status line when the body is not JSON (a crash)
+const detail = (r) => r.json().then((b) => (typeof b.detail === "string" ? b.detail : JSON.stringify(b.detail)),
+  () => `${r.status} ${r.statusText}`);
 const $ = (id) => document.getElementById(id);
 const slidePath = (id) => "/api/slides/" + encodeURIComponent(id);
 
@@ -201,7 +204,7 @@ function jobView(job) {
 
 async function startPreprocess(id) {
   const r = await fetch(slidePath(id) + "/preprocess", { method: "POST" });
-  if (!r.ok) { alert((await r.json()).detail); return; }
+  if (!r.ok) { alert(await detail(r)); return; }
   await refreshSlides();
   watchJob(id);
 }
@@ -315,9 +318,8 @@ $("chat-form").addEventListener("submit", async (event) => {
   try {
     const r = await fetch(slidePath(id) + "/chat", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ question, history }) });
-    const body = await r.json();
-    if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
-    Object.assign(turn, body, { pending: false });
+    if (!r.ok) throw new Error(await detail(r));
+    Object.assign(turn, await r.json(), { pending: false });
   } catch (e) {
     Object.assign(turn, { pending: false, error: "error: " + e.message });
   }
