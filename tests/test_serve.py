@@ -384,6 +384,8 @@ def test_slides_option_takes_one_slide_file_and_checks_sample_sheets(served, tmp
         sheet.write_text(f"slide_id,path\n{bad_id},{served.slides / 'ready-1.svs'}\n")
         with pytest.raises(InputError, match="slide_id"):
             read_slide_table(sheet)
+    sheet.write_bytes(f"\ufeffslide_id,path\ncase-7,{served.slides / 'ready-1.svs'}\n".encode())  # Excel's UTF-8 BOM
+    assert list(read_slide_table(sheet)) == ["case-7"]
     sheet.write_bytes("slide_id,path\ncase-\u00e9,x.svs\n".encode("latin-1"))
     with pytest.raises(InputError, match="UTF-8"):
         read_slide_table(sheet)
