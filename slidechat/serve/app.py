@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket, or a UsageError naming the address when it is taken."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: a TCP port is 0..65535 (0: any free port)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
