@@ -205,10 +205,13 @@ class InstructionDataset(torch.utils.data.Dataset):
         return x
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from slidechat.template import tokenize_conversation
+        from slidechat.template import IGNORE_INDEX, tokenize_conversation
 
         rec = self.records[i]
         tok = tokenize_conversation(self.tokenizer, rec["conversations"], max_length=self.max_length)
+        if all(label == IGNORE_INDEX for label in tok["labels"]):
+            _note(f"record {rec.get('id')}: --max-length {self.max_length} cuts off all of its replies; it adds "
+                  "nothing to the loss (raise --max-length or shorten the record)")
         return {"features": self.load_features(rec), "input_ids": torch.tensor(tok["input_ids"], dtype=torch.long),
                 "labels": torch.tensor(tok["labels"], dtype=torch.long), "id": rec.get("id")}
 

@@ -239,6 +239,23 @@ def test_loss_is_next_token_cross_entropy_on_labelled_positions_only(model):
     torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_a_sample_whose_replies_were_cut_adds_nothing_to_the_loss(model):
+    """max_length can cut every reply of a long record: no labelled token, so no loss, not an empty mean's NaN
+    (which training reports as a diverged run)."""
+    ids, mask, labels = _batch(model)
+    f = [feats(11, 1), feats(23, 2)]
+    cut = labels.clone()
+    cut[1] = IGNORE_INDEX
+    both = model(features=f, input_ids=ids, attention_mask=mask, labels=cut).loss
+    first = model(features=f[:1], input_ids=ids[:1], attention_mask=mask[:1], labels=labels[:1]).loss
+    torch.testing.assert_close(both, first, atol=1e-5, rtol=1e-5)  # the mean over the labelled tokens there are
+    x = feats(11, 1).requires_grad_(True)
+    none = model(features=[x], input_ids=ids[1:], attention_mask=mask[1:], labels=cut[1:]).loss
+    assert none.item() == 0.0
+    none.backward()  # still part of the graph: every rank runs its backward (DeepSpeed needs one per micro-batch)
+    assert x.grad is not None and not x.grad.any()
+
+
 def test_backward_reaches_slide_encoder_and_projector(tiny_llm):
     torch.manual_seed(3)
     m = new_model(tiny_llm, tiny_config()).train()

@@ -102,6 +102,20 @@ def test_label_masking_token_by_token(env: dict[str, Path]) -> None:
     assert batch["attention_mask"][1].sum() == 5
 
 
+def test_a_record_cut_before_its_reply_trains_on_with_a_note(env: dict[str, Path], capsys) -> None:
+    """max_length cuts the reply of a long record: a note and no loss from it, not a 'diverged' stop at NaN."""
+    records = json.loads(env["data"].read_text())[:2]
+    long_question = " ".join(["Describe the tissue in detail please."] * 30)
+    records[0]["conversations"][0]["value"] = "<image>\n" + long_question
+    data = env["root"] / "cut.json"
+    data.write_text(json.dumps(records))
+    cfg = _cfg(env, "cut", data=str(data), max_length=48, seed=3)
+    T.train(cfg)
+    assert "record r0: --max-length 48 cuts off all of its replies" in capsys.readouterr().out
+    losses = [float(r.split(",")[1]) for r in (Path(cfg.out) / "train_log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses) and 0.0 in losses
+
+
 def test_stage1_freezes_llm_stage2_trains_all(env: dict[str, Path]) -> None:
     from slidechat.checkpoint import load_model, new_model
 
