@@ -711,7 +711,7 @@ def run_fingerprint(cfg: TrainConfig) -> str:
 def resume(run: Run) -> int:
     """Load the newest checkpoint of this run from the work dir; returns the step to continue after (0: none).
 
-    Checkpoints of other data or settings are moved to `<work-dir>/stale`. Ones written by another
+    Checkpoints of other data or settings (with their log) are moved to `<work-dir>/stale/<their fingerprint>`. Ones written by another
     number of ranks are refused: each rank's share of the data, and so the run, depends on it.
     """
     work_dir, rank = run.work_dir, run.rank
@@ -721,14 +721,21 @@ def resume(run: Run) -> int:
     if saved is None:
         return 0
     if saved.get("fingerprint") != run.fingerprint:
-        if rank == 0:  # other data or settings: these checkpoints belong to another run
-            stale = work_dir / "stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.mkdir()
+        # other data or settings: these checkpoints (and their log) belong to another run; each such run keeps
+        # its own folder, so a third setting never deletes the first one's
+        stale = work_dir / "stale" / str(saved.get("fingerprint", "unknown"))[:12]
+        if rank == 0:
+            stale.mkdir(parents=True, exist_ok=True)
             for c in ckpts:
+                shutil.rmtree(stale / c.name, ignore_errors=True)  # an earlier copy of the same run and step
                 c.rename(stale / c.name)
-        _note(f"checkpoints in {work_dir} came from other data or settings; moved to {work_dir / 'stale'}, "
-              "starting from step 0")
+            for name in ("train_log.csv", "tensorboard"):
+                src, dest = work_dir / name, stale / name
+                if src.exists():
+                    shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
+                    src.rename(dest)
+        _note(f"checkpoints in {work_dir} came from other data or settings; moved to {stale} (move them back "
+              "to resume that run), starting from step 0")
         run.barrier()
         return 0
     saved_world = int(saved.get("world_size", 1))

@@ -338,7 +338,25 @@ def test_cli_run_with_curves(env: dict[str, Path], capsys: pytest.CaptureFixture
     assert T.main(argv) == 0 and "resuming from" in capsys.readouterr().out
     assert T.main(argv + ["--lr", "0.002"]) == 0
     assert "starting from step 0" in capsys.readouterr().out
-    assert [p.name for p in (env["root"] / "cli" / "work" / "stale").iterdir()] == ["checkpoint-00000002"]
+    (run,) = (env["root"] / "cli" / "work" / "stale").iterdir()  # one folder per run moved aside
+    assert [p.name for p in run.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-00000002"]
+
+
+def test_runs_moved_aside_by_other_settings_are_all_kept(env: dict[str, Path], capsys) -> None:
+    """Three settings in turn in one work dir: the checkpoints (and log) of both earlier runs stay in stale/,
+    none is deleted to make room for the next."""
+    work = env["root"] / "aside" / "work"
+    for lr in (1e-2, 5e-3, 2e-3):
+        T.train(_cfg(env, "aside", lr=lr, stop_after_step=1, save_steps=1))
+    runs = sorted((work / "stale").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert [p.name for p in T.list_checkpoints(run)] == ["checkpoint-00000001"]
+        assert (run / "train_log.csv").read_text().count("\n") == 2  # header + step 1
+    lrs = sorted(json.loads((run / "checkpoint-00000001" / "trainer_state.json").read_text())["config"]["lr"]
+                 for run in runs)
+    assert lrs == [5e-3, 1e-2]
+    assert [p.name for p in T.list_checkpoints(work)] == ["checkpoint-00000001"]
 
 
 def test_srun_tasks_become_ranks_with_slurm_rendezvous():
