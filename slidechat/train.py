@@ -711,8 +711,9 @@ def run_fingerprint(cfg: TrainConfig) -> str:
 def resume(run: Run) -> int:
     """Load the newest checkpoint of this run from the work dir; returns the step to continue after (0: none).
 
-    Checkpoints of other data or settings (with their log) are moved to `<work-dir>/stale/<their fingerprint>`. Ones written by another
-    number of ranks are refused: each rank's share of the data, and so the run, depends on it.
+    Checkpoints of other data or settings (with their log) are moved to `<work-dir>/stale/<their fingerprint>`.
+    Ones written by another number of ranks are refused: each rank's share of the data, and so the run,
+    depends on it.
     """
     work_dir, rank = run.work_dir, run.rank
     ckpts = list_checkpoints(work_dir)
