@@ -368,6 +368,22 @@ def test_save_without_llm_references_base(model, tiny_llm, tmp_path):
     assert load_model(out, llm=tiny_llm).encode_slide(x).shape == (9, model.config.llm_hidden_size)
 
 
+def test_a_model_refuses_another_llm_of_the_same_shape(model, tiny_llm, tiny_llm_spec, tmp_path):
+    """A stage-1 model (or LoRA adapter) only makes sense on the LLM it was trained with: another LLM of the same
+    shape (base vs instruct, another seed) loads without any error and answers nonsense, so it is refused."""
+    import shutil
+
+    from wsicore.errors import InputError
+
+    corpus, settings = tiny_llm_spec
+    other = build_tiny_llm(tmp_path / "other-llm", corpus, **{**settings, "seed": 1})
+    moved = shutil.copytree(tiny_llm, tmp_path / "moved-llm")  # the same LLM elsewhere is fine
+    out = save_model(model, tmp_path / "stage1", save_llm=False)
+    assert load_model(out, llm=moved).encode_slide(feats(5)).shape[0] == 5
+    with pytest.raises(InputError, match="other-llm.*other weights"):
+        load_model(out, llm=other)
+
+
 def test_peft_adapter_round_trip(tiny_llm, tmp_path):
     from peft import LoraConfig, get_peft_model
 

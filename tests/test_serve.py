@@ -360,7 +360,8 @@ def test_slides_without_patches_damaged_or_too_large_are_clear_errors(served, tm
     zarr.open_group(str(damaged), mode="r+")["features"][0] = np.full(512, 7.0, np.float16)  # checksum now wrong
     shutil.copy(served.slides / "ready-1.svs", slides / "broken.svs")
     Image.new("RGB", (64, 64), "white").save(slides / "plain.tif")
-    table = {s: SlideEntry(s, slides / f"{s}.{ext}") for s, ext in (("glass", "svs"), ("broken", "svs"), ("plain", "tif"))}
+    table = {s: SlideEntry(s, slides / f"{s}.{ext}")
+             for s, ext in (("glass", "svs"), ("broken", "svs"), ("plain", "tif"))}
     client = client_over(served, table, results)
     r = client.post("/api/slides/glass/chat", json={"question": QUESTION})
     assert r.status_code == 409 and "no tissue patches" in r.json()["detail"], r.text

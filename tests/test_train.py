@@ -5,6 +5,7 @@ Everything runs on a tiny random Qwen2 LLM and a 1-layer slide encoder over 32-d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -213,6 +214,20 @@ def test_kill_and_resume_equals_uninterrupted(env: dict[str, Path]) -> None:
     T.train(other)
     c = _trainable(Path(other.out), env["llm"])
     assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_stage2_does_not_resume_over_a_new_stage1_model(env: dict[str, Path], capsys) -> None:
+    """Stage 1 is run again (the workflow reruns stage 2 after it): stage 2's checkpoints were trained from the
+    old stage-1 weights at the same path, so they are moved aside, not resumed."""
+    s1 = _cfg(env, "s1-again", max_steps=2)
+    T.train(s1)
+    s2 = _cfg(env, "s2-again", stage=2, init=s1.out, lr=1e-3, max_steps=3, save_steps=1, stop_after_step=1)
+    T.train(s2)
+    T.train(dataclasses.replace(s1, lr=5e-3, work_dir=s1.work_dir + "-2"))  # a new stage-1 model, same path
+    capsys.readouterr()
+    T.train(dataclasses.replace(s2, stop_after_step=None))
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "moved to" in out
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:

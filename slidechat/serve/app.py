@@ -150,7 +150,8 @@ def create_app(state: ServeState) -> Any:
         # this page (browsers send Origin with every POST).
         host = request.headers.get("host", "")
         if state.loopback_only and urlsplit("//" + host).hostname not in LOOPBACK_HOSTS:
-            return JSONResponse({"detail": f"slidechat serve answers requests to {', '.join(LOOPBACK_HOSTS)} only"}, 403)
+            names = ", ".join(LOOPBACK_HOSTS)
+            return JSONResponse({"detail": f"slidechat serve answers requests to {names} only"}, 403)
         origin = request.headers.get("origin")
         if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != host:
             return JSONResponse({"detail": "cross-site request refused"}, 403)
