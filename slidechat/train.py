@@ -169,7 +169,13 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, tokenizer: Any, **kw: Any) -> "InstructionDataset":
-        return cls(json.loads(Path(path).read_text()), tokenizer, **kw)
+        try:
+            records = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); pass the training JSON build-instructions wrote") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: not a list of training records (the JSON build-instructions writes)")
+        return cls(records, tokenizer, **kw)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -313,6 +313,14 @@ def test_yaml_defaults_and_cli_overrides(tmp_path: Path) -> None:
         T.load_yaml_config(bad)
 
 
+def test_training_data_that_is_not_a_list_of_records_is_a_clear_error(env: dict[str, Path], tmp_path: Path) -> None:
+    for text, why in (('{"id": "r0"}', "not a list of training records"), ("[{", "not valid JSON")):
+        data = tmp_path / "data.json"
+        data.write_text(text)
+        with pytest.raises(ValueError, match=f"{data}.*{why}"):
+            T.train(_cfg(env, "notlist", data=str(data)))
+
+
 def test_lr_schedule_is_warmup_then_cosine_to_the_floor() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = T.lr_schedule(opt, 100, warmup_ratio=0.1, min_lr_ratio=0.2)
