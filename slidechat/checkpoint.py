@@ -100,6 +100,13 @@ def read_weight_dir(folder: str | Path) -> dict[str, torch.Tensor]:
 
 CONFIG_FILE = "slidechat_config.json"
 VISUAL_WEIGHTS_FILE = "slide_encoder.safetensors"
+
+
+def model_digest(path: str | Path) -> str | None:
+    """Identity of a model (for resuming only what it made): all of our directory's slide encoder + projector
+    file (small, and trained in both stages), or the head of a released checkpoint's weights."""
+    visual = Path(path) / VISUAL_WEIGHTS_FILE
+    return weights_digest(visual, head_bytes=None) if visual.is_file() else weights_digest(path)
 LLM_SUBDIR = "llm"
 ADAPTER_SUBDIR = "llm_adapter"
 TOKENIZER_SUBDIR = "tokenizer"

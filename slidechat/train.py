@@ -708,18 +708,14 @@ def run_fingerprint(cfg: TrainConfig) -> str:
     """Hash of the training data and the settings that shape the run (not where it writes or how it logs)."""
     import hashlib
 
-    from slidechat.checkpoint import VISUAL_WEIGHTS_FILE, weights_digest
+    from slidechat.checkpoint import model_digest, weights_digest
 
     h = hashlib.sha256(Path(cfg.data).read_bytes())
     settings = {k: getattr(cfg, k) for k in _FINGERPRINT_FIELDS}
     # what is at the paths, not only the paths: a stage-1 model trained again at the same path (the workflow
     # then reruns stage 2) must not be continued from checkpoints trained from the old one
     settings["llm_weights"] = weights_digest(cfg.llm) if cfg.llm else None
-    if cfg.init:
-        init = Path(cfg.init)
-        visual = init / VISUAL_WEIGHTS_FILE
-        # our model directory: all of its (small) slide encoder + projector file; a released checkpoint: its head
-        settings["init_weights"] = weights_digest(visual, head_bytes=None) if visual.is_file() else weights_digest(init)
+    settings["init_weights"] = model_digest(cfg.init) if cfg.init else None
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
