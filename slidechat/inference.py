@@ -240,9 +240,9 @@ def chat_loop(model, feats, max_new_tokens: int, stdin: TextIO = sys.stdin, stdo
         q = line.strip()
         if not q:
             continue
-        if q.lower() in {"exit", "quit", ":q"}:
+        if q.lower() in {"exit", "quit", ":q", "/exit", "/quit", "/bye"}:  # the spellings of other chat tools too
             break
-        if q.lower() in {"reset", ":reset"}:
+        if q.lower() in {"reset", ":reset", "/reset", "/clear"}:
             history = []
             stdout.write("(conversation reset)\n")
             continue
