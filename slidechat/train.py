@@ -214,7 +214,11 @@ class InstructionDataset(torch.utils.data.Dataset):
         from slidechat.template import IGNORE_INDEX, tokenize_conversation
 
         rec = self.records[i]
-        tok = tokenize_conversation(self.tokenizer, rec["conversations"], max_length=self.max_length)
+        try:
+            tok = tokenize_conversation(self.tokenizer, rec["conversations"], max_length=self.max_length)
+        except (KeyError, TypeError, ValueError) as e:  # found at its step, maybe hours in: say which record
+            raise ValueError(f"training record {rec.get('id')!r} (#{i}): {type(e).__name__}: {e}; fix or drop it "
+                             "(or raise --max-length) and rerun to resume") from e
         if all(label == IGNORE_INDEX for label in tok["labels"]):
             _note(f"record {rec.get('id')}: --max-length {self.max_length} cuts off all of its replies; it adds "
                   "nothing to the loss (raise --max-length or shorten the record)")

@@ -319,6 +319,15 @@ def test_training_data_that_is_not_a_list_of_records_is_a_clear_error(env: dict[
         data.write_text(text)
         with pytest.raises(ValueError, match=f"{data}.*{why}"):
             T.train(_cfg(env, "notlist", data=str(data)))
+    # found at the record's step, maybe hours in: the error names the record
+    no_talk = json.loads(env["data"].read_text())
+    no_talk[1] = {"id": "no-talk", "slide_id": "s1", "image": ["s1.zarr"]}
+    other_role = json.loads(env["data"].read_text())
+    other_role[2]["conversations"].insert(0, {"from": "system", "value": "You are a pathologist."})
+    for record, records in (("no-talk", no_talk), ("r2", other_role)):
+        data.write_text(json.dumps(records))
+        with pytest.raises(ValueError, match=f"training record '{record}'"):
+            T.train(_cfg(env, f"bad-{record}", data=str(data)))
 
 
 def test_lr_schedule_is_warmup_then_cosine_to_the_floor() -> None:
