@@ -703,9 +703,9 @@ def _deepspeed_engine(model: nn.Module, optimizer: Any, scheduler: Any, cfg: Tra
 
 
 # Settings that change the training trajectory; a checkpoint only resumes a run with the same ones.
-_FINGERPRINT_FIELDS = ("stage", "llm", "init", "lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                       "max_patches", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "seed",
-                       "lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "model", "deepspeed")
+_FINGERPRINT_FIELDS = ("stage", "llm", "init", "features_dir", "lr", "epochs", "max_steps", "batch_size", "grad_accum",
+                       "max_length", "max_patches", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas", "grad_clip",
+                       "seed", "lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "model", "deepspeed")
 
 
 def run_fingerprint(cfg: TrainConfig) -> str:

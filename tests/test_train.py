@@ -230,6 +230,21 @@ def test_stage2_does_not_resume_over_a_new_stage1_model(env: dict[str, Path], ca
     assert "resuming" not in out and "moved to" in out
 
 
+def test_other_features_do_not_resume_a_run(env: dict[str, Path], capsys) -> None:
+    """The same records over another features folder (another encoder of the same width): not the same run."""
+    import shutil
+
+    other = env["root"] / "features-other"
+    if not other.exists():
+        shutil.copytree(env["features"], other)
+    run = _cfg(env, "feat", max_steps=3, save_steps=1, stop_after_step=1)
+    T.train(run)
+    capsys.readouterr()
+    T.train(dataclasses.replace(run, features_dir=str(other), stop_after_step=None))
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "moved to" in out
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     records = json.loads(env["data"].read_text())
     bad_x = np.full((10, DIM), 3e38, np.float32)
