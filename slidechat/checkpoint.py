@@ -11,6 +11,7 @@ loads never unpickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -60,6 +61,27 @@ def find_deepspeed_model_file(folder: Path) -> Path | None:
     return None
 
 
+def weights_digest(path: str | Path, head_bytes: int | None = 1 << 20) -> str | None:
+    """A cheap identity of the weights in a file or folder (its weight files, not sub-folders): sha256 over each
+    file's name, size and first `head_bytes` (None: all). Two checkpoints of one architecture differ there
+    (the data right after the header), a copy moved elsewhere does not. None when there is no weight file."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    else:
+        files = []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(-1 if head_bytes is None else head_bytes))
+    return h.hexdigest()
+
+
 def read_weight_dir(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of the weight files in a folder (HF `save_pretrained` style, possibly sharded)."""
     folder = Path(folder)
@@ -79,6 +101,13 @@ def read_weight_dir(folder: str | Path) -> dict[str, torch.Tensor]:
 
 CONFIG_FILE = "slidechat_config.json"
 VISUAL_WEIGHTS_FILE = "slide_encoder.safetensors"
+
+
+def model_digest(path: str | Path) -> str | None:
+    """Identity of a model (for resuming only what it made): all of our directory's slide encoder + projector
+    file (small, and trained in both stages), or the head of a released checkpoint's weights."""
+    visual = Path(path) / VISUAL_WEIGHTS_FILE
+    return weights_digest(visual, head_bytes=None) if visual.is_file() else weights_digest(path)
 LLM_SUBDIR = "llm"
 ADAPTER_SUBDIR = "llm_adapter"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -289,6 +318,11 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
         tok_dir = base
     else:
         base = _require_dir(llm or meta.get("llm_source"), "base LLM directory this checkpoint was trained from")
+        recorded = meta.get("llm_digest")
+        if recorded and weights_digest(base) != recorded:  # same shapes load fine and answer nonsense
+            raise InputError(f"{path} was trained on the LLM in {meta.get('llm_source')}, but {base} holds other "
+                             "weights: pass that LLM with --llm (if it is the same LLM saved again, remove "
+                             f"\"llm_digest\" from {path / CONFIG_FILE})")
         llm_module = _load_llm(base, torch_dtype)
         tok_dir = path / TOKENIZER_SUBDIR if (path / TOKENIZER_SUBDIR).is_dir() else base
         if fmt == "peft_adapter":
@@ -337,6 +371,8 @@ def save_model(model: SlideChat, out_dir: str | Path, save_llm: bool = True) -> 
             "model_type": "slidechat",
             "llm_format": fmt,
             "llm_source": model.llm_source,
+            # the base LLM's identity, checked when a model without LLM weights is loaded on one
+            "llm_digest": weights_digest(model.llm_source) if fmt != "full" and model.llm_source else None,
             "config": model.config.to_dict(),
         })
     return out_dir

@@ -312,10 +312,14 @@ PARTIAL_FILE = ".outputs.partial.jsonl"
 
 
 def _resume_key(benchmark: Any, model_dir: Any, llm: Any, settings: EvalSettings, limit: int | None) -> dict[str, Any]:
-    """What must not change for answers of an interrupted run to be reused."""
+    """What must not change for answers of an interrupted run to be reused (the model's weights, not only its
+    path: a model trained again into the same folder answers differently)."""
+    from slidechat.checkpoint import model_digest
+
     b = Path(benchmark)
     return {"benchmark": str(b.resolve()), "benchmark_mtime_ns": b.stat().st_mtime_ns,
-            "model": str(Path(model_dir).resolve()), "llm": str(llm) if llm else None,
+            "model": str(Path(model_dir).resolve()), "model_weights": model_digest(model_dir),
+            "llm": str(llm) if llm else None,
             "max_new_tokens": settings.max_new_tokens, "answer_with_letter": settings.answer_with_letter,
             "greedy": settings.greedy, "caption_prompt": settings.caption_prompt, "limit": limit}
 

@@ -238,8 +238,8 @@ def ask_main(argv: list[str]) -> int:
     return 0
 
 
-EXIT_WORDS = {"/exit", "/quit", "exit", "quit", ":q"}
-RESET_WORDS = {"/reset", "reset", ":reset"}
+EXIT_WORDS = {"/exit", "/quit", "/bye", "exit", "quit", ":q"}  # the spellings of other chat tools too
+RESET_WORDS = {"/reset", "/clear", "reset", ":reset"}
 CHAT_HELP = "Type a question and press Enter. /reset starts a new conversation; /exit or Ctrl-D leaves."
 
 

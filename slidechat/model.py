@@ -331,8 +331,10 @@ class SlideChat(nn.Module):
         labelled = target != IGNORE_INDEX
         out = self.llm(inputs_embeds=inputs, attention_mask=att, position_ids=pos, logits_to_keep=labelled,
                        **llm_kwargs)
-        # the mean over labelled tokens, as the LLM's own causal-LM loss (logits in fp32)
-        out.loss = F.cross_entropy(out.logits.float(), target[labelled])
+        # the mean over labelled tokens, as the LLM's own causal-LM loss (logits in fp32); a batch whose replies
+        # max_length cut off entirely has none: loss 0 with zero gradients, not the NaN of an empty mean
+        n_labelled = labelled.sum().clamp(min=1)
+        out.loss = F.cross_entropy(out.logits.float(), target[labelled], reduction="sum") / n_labelled
         return out
 
     # ------------------------------------------------------------------------------------------

@@ -218,10 +218,17 @@ class InstructionDataset(torch.utils.data.Dataset):
         return x
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from slidechat.template import tokenize_conversation
+        from slidechat.template import IGNORE_INDEX, tokenize_conversation
 
         rec = self.records[i]
-        tok = tokenize_conversation(self.tokenizer, rec["conversations"], max_length=self.max_length)
+        try:
+            tok = tokenize_conversation(self.tokenizer, rec["conversations"], max_length=self.max_length)
+        except (KeyError, TypeError, ValueError) as e:  # found at its step, maybe hours in: say which record
+            raise ValueError(f"training record {rec.get('id')!r} (#{i}): {type(e).__name__}: {e}; fix or drop it "
+                             "(or raise --max-length) and rerun to resume") from e
+        if all(label == IGNORE_INDEX for label in tok["labels"]):
+            _note(f"record {rec.get('id')}: --max-length {self.max_length} cuts off all of its replies; it adds "
+                  "nothing to the loss (raise --max-length or shorten the record)")
         return {"features": self.load_features(rec), "input_ids": torch.tensor(tok["input_ids"], dtype=torch.long),
                 "labels": torch.tensor(tok["labels"], dtype=torch.long), "id": rec.get("id")}
 
@@ -706,17 +713,23 @@ def _deepspeed_engine(model: nn.Module, optimizer: Any, scheduler: Any, cfg: Tra
 
 
 # Settings that change the training trajectory; a checkpoint only resumes a run with the same ones.
-_FINGERPRINT_FIELDS = ("stage", "llm", "init", "lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length",
-                       "max_patches", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas", "grad_clip", "seed",
-                       "lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "model", "deepspeed")
+_FINGERPRINT_FIELDS = ("stage", "llm", "init", "features_dir", "lr", "epochs", "max_steps", "batch_size", "grad_accum",
+                       "max_length", "max_patches", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas", "grad_clip",
+                       "seed", "lora", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "model", "deepspeed")
 
 
 def run_fingerprint(cfg: TrainConfig) -> str:
     """Hash of the training data and the settings that shape the run (not where it writes or how it logs)."""
     import hashlib
 
+    from slidechat.checkpoint import model_digest, weights_digest
+
     h = hashlib.sha256(Path(cfg.data).read_bytes())
     settings = {k: getattr(cfg, k) for k in _FINGERPRINT_FIELDS}
+    # what is at the paths, not only the paths: a stage-1 model trained again at the same path (the workflow
+    # then reruns stage 2) must not be continued from checkpoints trained from the old one
+    settings["llm_weights"] = weights_digest(cfg.llm) if cfg.llm else None
+    settings["init_weights"] = model_digest(cfg.init) if cfg.init else None
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -724,8 +737,9 @@ def run_fingerprint(cfg: TrainConfig) -> str:
 def resume(run: Run) -> int:
     """Load the newest checkpoint of this run from the work dir; returns the step to continue after (0: none).
 
-    Checkpoints of other data or settings are moved to `<work-dir>/stale`. Ones written by another
-    number of ranks are refused: each rank's share of the data, and so the run, depends on it.
+    Checkpoints of other data or settings (with their log) are moved to `<work-dir>/stale/<their fingerprint>`.
+    Ones written by another number of ranks are refused: each rank's share of the data, and so the run,
+    depends on it.
     """
     work_dir, rank = run.work_dir, run.rank
     ckpts = list_checkpoints(work_dir)
@@ -734,14 +748,21 @@ def resume(run: Run) -> int:
     if saved is None:
         return 0
     if saved.get("fingerprint") != run.fingerprint:
-        if rank == 0:  # other data or settings: these checkpoints belong to another run
-            stale = work_dir / "stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.mkdir()
+        # other data or settings: these checkpoints (and their log) belong to another run; each such run keeps
+        # its own folder, so a third setting never deletes the first one's
+        stale = work_dir / "stale" / str(saved.get("fingerprint", "unknown"))[:12]
+        if rank == 0:
+            stale.mkdir(parents=True, exist_ok=True)
             for c in ckpts:
+                shutil.rmtree(stale / c.name, ignore_errors=True)  # an earlier copy of the same run and step
                 c.rename(stale / c.name)
-        _note(f"checkpoints in {work_dir} came from other data or settings; moved to {work_dir / 'stale'}, "
-              "starting from step 0")
+            for name in ("train_log.csv", "tensorboard"):
+                src, dest = work_dir / name, stale / name
+                if src.exists():
+                    shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
+                    src.rename(dest)
+        _note(f"checkpoints in {work_dir} came from other data or settings; moved to {stale} (move them back "
+              "to resume that run), starting from step 0")
         run.barrier()
         return 0
     saved_world = int(saved.get("world_size", 1))

@@ -178,6 +178,29 @@ def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_
     assert m2["settings"]["n_resumed"] == 0 and m2["settings"]["n_generated"] == 5
 
 
+def test_answers_of_an_older_model_at_the_same_path_are_not_resumed(model, model_dir, bench_setup, tiny_llm,
+                                                                      tmp_path):
+    """The model is trained again into the same folder after an evaluation was interrupted: the answers the
+    old model gave must not be mixed into the new model's results."""
+    from slidechat.evaluate import PARTIAL_FILE, _resume_key
+
+    bench_csv, feats = bench_setup
+    settings = EvalSettings(max_new_tokens=4)
+    here = shutil.copytree(model_dir, tmp_path / "stage2")
+    out = tmp_path / "eval"
+    out.mkdir()
+    lines = [{"resume_key": _resume_key(bench_csv, here, None, settings, None)},
+             {"qid": "100", "Output": "B. from the old model", "Prediction": "B", "Status": "ok",
+              "MaxNewTokens": 4, "LetterInstruction": False}]
+    (out / PARTIAL_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    torch.manual_seed(1)
+    save_model(new_model(tiny_llm, tiny_model_config()), here)  # retrained: same path, other weights
+    m = evaluate(bench_csv, feats, here, out, settings=settings, model=load_model(here).eval(), log=None)
+    assert m["settings"]["n_resumed"] == 0
+    df = pd.read_csv(out / "outputs.csv", keep_default_na=False)
+    assert "old model" not in df.loc[df.ID == 100, "Output"].item()
+
+
 def test_slide_map_renames_and_relative_paths(tmp_path):
     feats = tmp_path / "features"
     _store(feats / "patient-7.zarr", 4, 3)

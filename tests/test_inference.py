@@ -100,6 +100,28 @@ def test_chat_keeps_history(model_dir, tmp_path):
     assert (after - first).abs().sum() > 1e-3
 
 
+def test_chat_commands_with_a_slash_blank_lines_and_eof(model_dir):
+    """`/reset` and `/exit` (as in other chat tools) are commands, not questions for the model; blank lines are
+    skipped; a last line without a newline is still asked."""
+    model = load_model(model_dir).eval()
+    feats = torch.randn(12, 512, generator=torch.Generator().manual_seed(0))
+    seen = []
+    orig = model.generate
+
+    def spy(features, question, **kw):
+        seen.append((question, list(kw.get("history") or [])))
+        return orig(features, question, **kw)
+
+    model.generate = spy
+    stdout = io.StringIO()
+    asked = chat_loop(model, feats, 4, stdin=io.StringIO("What tissue?\n  \n/reset\nIs there necrosis?"), stdout=stdout)
+    assert asked == 2 and [q for q, _ in seen] == ["<image>\nWhat tissue?", "<image>\nIs there necrosis?"]
+    assert seen[1][1] == [] and "(conversation reset" in stdout.getvalue()
+    seen.clear()
+    assert chat_loop(model, feats, 4, stdin=io.StringIO("/EXIT\nnever asked\n"), stdout=io.StringIO()) == 0
+    assert seen == []
+
+
 def test_ask_errors_are_clear(model_dir, cmu_small, tmp_path, capsys):
     assert cli(["ask", "--slide", str(cmu_small), "--question", "q", "--model", str(model_dir),
                 "--encoder", "conch_v1", "--work-dir", str(tmp_path / "w")]) == 2

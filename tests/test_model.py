@@ -239,6 +239,23 @@ def test_loss_is_next_token_cross_entropy_on_labelled_positions_only(model):
     torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_a_sample_whose_replies_were_cut_adds_nothing_to_the_loss(model):
+    """max_length can cut every reply of a long record: no labelled token, so no loss, not an empty mean's NaN
+    (which training reports as a diverged run)."""
+    ids, mask, labels = _batch(model)
+    f = [feats(11, 1), feats(23, 2)]
+    cut = labels.clone()
+    cut[1] = IGNORE_INDEX
+    both = model(features=f, input_ids=ids, attention_mask=mask, labels=cut).loss
+    first = model(features=f[:1], input_ids=ids[:1], attention_mask=mask[:1], labels=labels[:1]).loss
+    torch.testing.assert_close(both, first, atol=1e-5, rtol=1e-5)  # the mean over the labelled tokens there are
+    x = feats(11, 1).requires_grad_(True)
+    none = model(features=[x], input_ids=ids[1:], attention_mask=mask[1:], labels=cut[1:]).loss
+    assert none.item() == 0.0
+    none.backward()  # still part of the graph: every rank runs its backward (DeepSpeed needs one per micro-batch)
+    assert x.grad is not None and not x.grad.any()
+
+
 def test_backward_reaches_slide_encoder_and_projector(tiny_llm):
     torch.manual_seed(3)
     m = new_model(tiny_llm, tiny_config()).train()
@@ -349,6 +366,22 @@ def test_save_without_llm_references_base(model, tiny_llm, tmp_path):
     with pytest.raises(FileNotFoundError, match="llm"):
         load_model(out)
     assert load_model(out, llm=tiny_llm).encode_slide(x).shape == (9, model.config.llm_hidden_size)
+
+
+def test_a_model_refuses_another_llm_of_the_same_shape(model, tiny_llm, tiny_llm_spec, tmp_path):
+    """A stage-1 model (or LoRA adapter) only makes sense on the LLM it was trained with: another LLM of the same
+    shape (base vs instruct, another seed) loads without any error and answers nonsense, so it is refused."""
+    import shutil
+
+    from wsicore.errors import InputError
+
+    corpus, settings = tiny_llm_spec
+    other = build_tiny_llm(tmp_path / "other-llm", corpus, **{**settings, "seed": 1})
+    moved = shutil.copytree(tiny_llm, tmp_path / "moved-llm")  # the same LLM elsewhere is fine
+    out = save_model(model, tmp_path / "stage1", save_llm=False)
+    assert load_model(out, llm=moved).encode_slide(feats(5)).shape[0] == 5
+    with pytest.raises(InputError, match="other-llm.*other weights"):
+        load_model(out, llm=other)
 
 
 def test_peft_adapter_round_trip(tiny_llm, tmp_path):

@@ -73,7 +73,7 @@ def served(tmp_path_factory):
         str(root / "cache"), "--max-new-tokens", "6", "--attribution-steps", "2", "--device", "cpu"])
     state = build_state(args)
     yield SimpleNamespace(root=root, slides=slides, results=results, model_dir=model_dir, state=state,
-                          client=TestClient(create_app(state)))
+                          client=TestClient(create_app(state), base_url="http://127.0.0.1"))
     state.worker.shutdown()
     state.preprocessor.shutdown()
 
@@ -278,6 +278,129 @@ def test_sample_sheet_names_the_slides(tmp_path, served):
     sheet.write_text("id,file\na,x.svs\n")
     with pytest.raises(InputError, match="slide_id and path"):
         read_slide_table(sheet)
+
+
+# ------------------------------------------------------------------------------------ hostile or clumsy use
+
+
+def client_over(served, slides: dict, results: Path | None = None, **changes) -> TestClient:
+    """The app over another slide table (and results folder), sharing the loaded model."""
+    import dataclasses
+
+    from slidechat.serve.slides import OutputFinder
+
+    finder = OutputFinder(results, served.root / "cache", served.state.finder.wanted)
+    state = dataclasses.replace(served.state, slides=slides, finder=finder, **changes)
+    return TestClient(create_app(state), base_url="http://127.0.0.1")
+
+
+def test_a_slide_id_with_glob_characters_finds_only_its_own_outputs(served):
+    """`ready-[1]` is a glob pattern that matches `ready-1`: another slide's features must never be its own."""
+    from slidechat.serve.slides import SlideEntry
+
+    for name in ("ready-[1]", "ready-?", "*"):
+        found = served.state.finder.find(SlideEntry(name, served.slides / f"{name}.svs"))
+        assert found.store is None and found.coords is None and found.geojson is None, (name, found)
+
+
+def test_other_sites_cannot_reach_the_page(served):
+    """A page on another site may point a browser at 127.0.0.1 (a cross-site POST, or DNS rebinding of its own
+    name to 127.0.0.1): the server answers only requests addressed to this machine, from its own page."""
+    client = served.client
+    assert client.get("/api/slides", headers={"host": "evil.example.com"}).status_code == 403
+    assert client.get("/", headers={"host": "evil.example.com:8000"}).status_code == 403
+    assert client.get("/api/slides/ready-1/image.dzi", headers={"host": "[::1]:8000"}).status_code == 200
+    before = served.state.preprocessor.job("new-page")
+    r = client.post("/api/slides/new-page/preprocess", headers={"origin": "http://evil.example.com"})
+    assert r.status_code == 403 and served.state.preprocessor.job("new-page") is before
+    r = client.post("/api/slides/ready-1/chat", json={"question": QUESTION}, headers={"origin": "null"})
+    assert r.status_code == 403
+    same = client.post("/api/slides/ready-1/chat", json={"question": QUESTION}, headers={"origin": "http://127.0.0.1"})
+    assert same.status_code == 200
+    # bound to every interface on purpose (--host 0.0.0.0): other names reach it, other sites still cannot POST
+    open_client = client_over(served, served.state.slides, served.results, loopback_only=False)
+    assert open_client.get("/api/slides", headers={"host": "pathology-box.lan:8000"}).status_code == 200
+    assert open_client.post("/api/slides/new-page/preprocess", headers={"origin": "http://evil.example.com"}
+                            ).status_code == 403
+
+
+def test_long_and_empty_questions_and_histories(served):
+    client = served.client
+    assert client.post("/api/slides/ready-1/chat", json={"question": "  \n\t "}).status_code == 422
+    huge = [["Is there necrosis?", "x" * 200_000]]
+    r = client.post("/api/slides/ready-1/chat", json={"question": QUESTION, "history": huge})
+    assert r.status_code == 422 and "history" in r.text
+    # a long conversation keeps its latest turns within the history budget, and says how many it used
+    from slidechat.serve.app import MAX_HISTORY_CHARS
+
+    turn = ["Is there necrosis?", "y" * 3000]
+    n = MAX_HISTORY_CHARS // 3000 + 5
+    reply = client.post("/api/slides/ready-1/chat", json={"question": QUESTION, "history": [turn] * n}).json()
+    assert reply["answer"] and 0 < reply["history_used"] < n
+    assert reply["history_used"] * sum(map(len, turn)) <= MAX_HISTORY_CHARS
+    short = client.post("/api/slides/ready-1/chat", json={"question": QUESTION, "history": [turn]}).json()
+    assert short["history_used"] == 1
+
+
+def test_slides_without_patches_damaged_or_too_large_are_clear_errors(served, tmp_path, monkeypatch):
+    import zarr
+
+    from slidechat.serve.slides import SlideEntry
+
+    slides, results = tmp_path / "slides", tmp_path / "results"
+    slides.mkdir()
+    write_blank_svs(slides / "glass.svs", 1024, 1024)
+    segment_slide(slides / "glass.svs", results / "segmentation")
+    coords = tile_slide(slides / "glass.svs", results / "patches", seg_dir=results / "segmentation")
+    empty = extract_slide(slides / "glass.svs", coords, results / "features" / FEATURE_SET, encoder="conch_tiny",
+                          transform="slidechat", num_workers=0)
+    assert len(load_features(empty)) == 0  # what the workflow leaves for a slide with no tissue
+    damaged = results / "features" / FEATURE_SET / "broken.zarr"
+    shutil.copytree(served.results / "features" / FEATURE_SET / "ready-1.zarr", damaged)
+    zarr.open_group(str(damaged), mode="r+")["features"][0] = np.full(512, 7.0, np.float16)  # checksum now wrong
+    shutil.copy(served.slides / "ready-1.svs", slides / "broken.svs")
+    Image.new("RGB", (64, 64), "white").save(slides / "plain.tif")
+    table = {s: SlideEntry(s, slides / f"{s}.{ext}")
+             for s, ext in (("glass", "svs"), ("broken", "svs"), ("plain", "tif"))}
+    client = client_over(served, table, results)
+    r = client.post("/api/slides/glass/chat", json={"question": QUESTION})
+    assert r.status_code == 409 and "no tissue patches" in r.json()["detail"], r.text
+    r = client.post("/api/slides/broken/chat", json={"question": QUESTION})
+    assert r.status_code == 422 and "broken.zarr" in r.json()["detail"], r.text
+    assert client.post("/api/slides/ready-1/chat", json={"question": QUESTION}).status_code == 404
+    # a plain (not pyramidal) image beyond Pillow's decompression-bomb limit: refused with the reason
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    r = client.get("/api/slides/plain/image.dzi")
+    assert r.status_code == 422 and "plain.tif" in r.json()["detail"], r.text
+
+
+def test_slides_option_takes_one_slide_file_and_checks_sample_sheets(served, tmp_path):
+    from slidechat.serve.slides import read_slide_table
+    from wsicore.errors import InputError
+
+    table = read_slide_table(served.slides / "ready-1.svs")
+    assert list(table) == ["ready-1"] and table["ready-1"].path == served.slides / "ready-1.svs"
+    sheet = tmp_path / "sheet.csv"
+    for bad_id in ("../../etc", "a/b", ".hidden", "x y"):
+        sheet.write_text(f"slide_id,path\n{bad_id},{served.slides / 'ready-1.svs'}\n")
+        with pytest.raises(InputError, match="slide_id"):
+            read_slide_table(sheet)
+    sheet.write_bytes(f"\ufeffslide_id,path\ncase-7,{served.slides / 'ready-1.svs'}\n".encode())  # Excel's UTF-8 BOM
+    assert list(read_slide_table(sheet)) == ["case-7"]
+    sheet.write_bytes("slide_id,path\ncase-\u00e9,x.svs\n".encode("latin-1"))
+    with pytest.raises(InputError, match="UTF-8"):
+        read_slide_table(sheet)
+    (tmp_path / "notes.txt").write_text("not a sheet")
+    with pytest.raises(InputError, match="slide_id and path"):
+        read_slide_table(tmp_path / "notes.txt")
+
+
+def test_a_port_out_of_range_is_a_usage_error():
+    from wsicore.errors import UsageError
+
+    for port in (99999, -1):
+        with pytest.raises(UsageError, match="--port"):
+            bind_socket("127.0.0.1", port)
 
 
 # ----------------------------------------------------------------------------------------- the browser

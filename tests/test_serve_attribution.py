@@ -127,5 +127,6 @@ def test_heat_falls_on_the_patches_of_the_class_the_answer_names(trained):
             shares.append(share)
             areas.append(area)
     wins = sum(s > r for s, r in zip(shares, areas))
-    assert wins >= 11, (shares, areas)
+    # chance is 6 of 12 (P(>= 10) = 2%); over six initial seeds of this model: 10-12 wins, mean share 0.84-1.00
+    assert wins >= 10, (shares, areas)
     assert np.mean(shares) > np.mean(areas) + 0.25, (np.mean(shares), np.mean(areas))

@@ -5,6 +5,7 @@ Everything runs on a tiny random Qwen2 LLM and a 1-layer slide encoder over 32-d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -102,6 +103,20 @@ def test_label_masking_token_by_token(env: dict[str, Path]) -> None:
     assert batch["input_ids"].shape == (2, len(ids))
     assert (batch["labels"][1, 5:] == IGNORE_INDEX).all() and (batch["input_ids"][1, 5:] == 7).all()
     assert batch["attention_mask"][1].sum() == 5
+
+
+def test_a_record_cut_before_its_reply_trains_on_with_a_note(env: dict[str, Path], capsys) -> None:
+    """max_length cuts the reply of a long record: a note and no loss from it, not a 'diverged' stop at NaN."""
+    records = json.loads(env["data"].read_text())[:2]
+    long_question = " ".join(["Describe the tissue in detail please."] * 30)
+    records[0]["conversations"][0]["value"] = "<image>\n" + long_question
+    data = env["root"] / "cut.json"
+    data.write_text(json.dumps(records))
+    cfg = _cfg(env, "cut", data=str(data), max_length=48, seed=3)
+    T.train(cfg)
+    assert "record r0: --max-length 48 cuts off all of its replies" in capsys.readouterr().out
+    losses = [float(r.split(",")[1]) for r in (Path(cfg.out) / "train_log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses) and 0.0 in losses
 
 
 def test_stage1_freezes_llm_stage2_trains_all(env: dict[str, Path]) -> None:
@@ -203,6 +218,35 @@ def test_kill_and_resume_equals_uninterrupted(env: dict[str, Path]) -> None:
     assert any(not torch.allclose(a[k], c[k]) for k in a)
 
 
+def test_stage2_does_not_resume_over_a_new_stage1_model(env: dict[str, Path], capsys) -> None:
+    """Stage 1 is run again (the workflow reruns stage 2 after it): stage 2's checkpoints were trained from the
+    old stage-1 weights at the same path, so they are moved aside, not resumed."""
+    s1 = _cfg(env, "s1-again", max_steps=2)
+    T.train(s1)
+    s2 = _cfg(env, "s2-again", stage=2, init=s1.out, lr=1e-3, max_steps=3, save_steps=1, stop_after_step=1)
+    T.train(s2)
+    T.train(dataclasses.replace(s1, lr=5e-3, work_dir=s1.work_dir + "-2"))  # a new stage-1 model, same path
+    capsys.readouterr()
+    T.train(dataclasses.replace(s2, stop_after_step=None))
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "moved to" in out
+
+
+def test_other_features_do_not_resume_a_run(env: dict[str, Path], capsys) -> None:
+    """The same records over another features folder (another encoder of the same width): not the same run."""
+    import shutil
+
+    other = env["root"] / "features-other"
+    if not other.exists():
+        shutil.copytree(env["features"], other)
+    run = _cfg(env, "feat", max_steps=3, save_steps=1, stop_after_step=1)
+    T.train(run)
+    capsys.readouterr()
+    T.train(dataclasses.replace(run, features_dir=str(other), stop_after_step=None))
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "moved to" in out
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     records = json.loads(env["data"].read_text())
     bad_x = np.full((10, DIM), 3e38, np.float32)
@@ -286,6 +330,23 @@ def test_yaml_defaults_and_cli_overrides(tmp_path: Path) -> None:
         T.load_yaml_config(bad)
 
 
+def test_training_data_that_is_not_a_list_of_records_is_a_clear_error(env: dict[str, Path], tmp_path: Path) -> None:
+    for text, why in (('{"id": "r0"}', "expected a list of records"), ("[{", "not valid JSON")):
+        data = tmp_path / "data.json"
+        data.write_text(text)
+        with pytest.raises(InputError, match=f"{data}.*{why}"):
+            T.train(_cfg(env, "notlist", data=str(data)))
+    # found at the record's step, maybe hours in: the error names the record
+    no_talk = json.loads(env["data"].read_text())
+    no_talk[1] = {"id": "no-talk", "slide_id": "s1", "image": ["s1.zarr"]}
+    other_role = json.loads(env["data"].read_text())
+    other_role[2]["conversations"].insert(0, {"from": "system", "value": "You are a pathologist."})
+    for record, records in (("no-talk", no_talk), ("r2", other_role)):
+        data.write_text(json.dumps(records))
+        with pytest.raises(ValueError, match=f"training record '{record}'"):
+            T.train(_cfg(env, f"bad-{record}", data=str(data)))
+
+
 def test_lr_schedule_is_warmup_then_cosine_to_the_floor() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = T.lr_schedule(opt, 100, warmup_ratio=0.1, min_lr_ratio=0.2)
@@ -334,7 +395,25 @@ def test_cli_run_with_curves(env: dict[str, Path], capsys: pytest.CaptureFixture
     assert T.main(argv) == 0 and "resuming from" in capsys.readouterr().out
     assert T.main(argv + ["--lr", "0.002"]) == 0
     assert "starting from step 0" in capsys.readouterr().out
-    assert [p.name for p in (env["root"] / "cli" / "work" / "stale").iterdir()] == ["checkpoint-00000002"]
+    (run,) = (env["root"] / "cli" / "work" / "stale").iterdir()  # one folder per run moved aside
+    assert [p.name for p in run.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-00000002"]
+
+
+def test_runs_moved_aside_by_other_settings_are_all_kept(env: dict[str, Path], capsys) -> None:
+    """Three settings in turn in one work dir: the checkpoints (and log) of both earlier runs stay in stale/,
+    none is deleted to make room for the next."""
+    work = env["root"] / "aside" / "work"
+    for lr in (1e-2, 5e-3, 2e-3):
+        T.train(_cfg(env, "aside", lr=lr, stop_after_step=1, save_steps=1))
+    runs = sorted((work / "stale").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert [p.name for p in T.list_checkpoints(run)] == ["checkpoint-00000001"]
+        assert (run / "train_log.csv").read_text().count("\n") == 2  # header + step 1
+    lrs = sorted(json.loads((run / "checkpoint-00000001" / "trainer_state.json").read_text())["config"]["lr"]
+                 for run in runs)
+    assert lrs == [5e-3, 1e-2]
+    assert [p.name for p in T.list_checkpoints(work)] == ["checkpoint-00000001"]
 
 
 def test_srun_tasks_become_ranks_with_slurm_rendezvous():

@@ -23,18 +23,19 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from slidechat.inference import DEFAULT_CACHE, FeatureSettings, model_feature_config
 from slidechat.model_card import demo_notice
 from slidechat.serve.attribution import display_heat
-from slidechat.serve.engine import ModelWorker, Preprocessor
+from slidechat.serve.engine import EmptySlideError, ModelWorker, Preprocessor
 from slidechat.serve.slides import OutputFinder, SlideEntry, SlideOutputs, read_slide_table
 from wsicore.cli import command_parser
-from wsicore.errors import InputError, UsageError
+from wsicore.errors import InputError, UsageError, UserError
 
 log = logging.getLogger("slidechat.serve")
 
@@ -43,8 +44,11 @@ TILE_SIZE = 254
 TILE_OVERLAP = 1
 TILE_QUALITY = 80
 MAX_QUESTION_CHARS = 4000
+MAX_ANSWER_CHARS = 16000
 MAX_HISTORY_TURNS = 32
+MAX_HISTORY_CHARS = 32000  # text of the earlier turns given to the model (~8k tokens); older turns are left out
 TOP_PATCHES = 5
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -56,13 +60,28 @@ class ServeState:
     worker: ModelWorker
     preprocessor: Preprocessor
     model_name: str
+    loopback_only: bool = True  # bound to this machine only: answer only requests addressed to it
 
 
 class ChatRequest(BaseModel):
     """A question and the conversation so far ([question, answer] pairs), as the page sends them."""
 
-    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    history: list[tuple[str, str]] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS)
+    question: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
+    history: list[tuple[Annotated[str, Field(max_length=MAX_QUESTION_CHARS)],
+                        Annotated[str, Field(max_length=MAX_ANSWER_CHARS)]]] = Field(
+        default_factory=list, max_length=MAX_HISTORY_TURNS)
+
+
+def recent_history(history: list[tuple[str, str]], budget: int = MAX_HISTORY_CHARS) -> list[tuple[str, str]]:
+    """The latest turns whose text fits in `budget` characters: one long conversation must not hold the
+    model (and every other user's question behind it) for minutes."""
+    kept, used = [], 0
+    for question, answer in reversed(history):
+        used += len(question) + len(answer)
+        if used > budget:
+            break
+        kept.append((question, answer))
+    return kept[::-1]
 
 
 class _OpenSlides:
@@ -81,9 +100,11 @@ class _OpenSlides:
             if entry.slide_id in self._open:
                 self._open.move_to_end(entry.slide_id)
                 return self._open[entry.slide_id]
+        from PIL import Image
+
         try:
-            slide = openslide.open_slide(str(entry.path))
-        except (OSError, openslide.OpenSlideError) as exc:
+            slide = openslide.open_slide(str(entry.path))  # a plain image (not a pyramid) opens through Pillow
+        except (OSError, openslide.OpenSlideError, Image.DecompressionBombError) as exc:
             raise InputError(f"slide {entry.slide_id}: cannot open {entry.path} ({exc})") from exc
         # limit_bounds=False: image coordinates are level-0 pixels, those of the GeoJSON and the patch coords
         dz = DeepZoomGenerator(slide, tile_size=TILE_SIZE, overlap=TILE_OVERLAP, limit_bounds=False)
@@ -121,6 +142,21 @@ def create_app(state: ServeState) -> Any:
     app = FastAPI(title="slidechat serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     slides = _OpenSlides()
+
+    @app.middleware("http")
+    async def this_machine_and_this_page_only(request: Any, call_next: Any) -> Any:
+        # Binding 127.0.0.1 keeps other machines out, not other web sites: a page elsewhere can make the
+        # browser send requests here (a cross-site POST), or rebind its own name to 127.0.0.1 and read the
+        # answers (DNS rebinding). So: the Host must name this machine, and a browser's POST must come from
+        # this page (browsers send Origin with every POST).
+        host = request.headers.get("host", "")
+        if state.loopback_only and urlsplit("//" + host).hostname not in LOOPBACK_HOSTS:
+            names = ", ".join(LOOPBACK_HOSTS)
+            return JSONResponse({"detail": f"slidechat serve answers requests to {names} only"}, 403)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != host:
+            return JSONResponse({"detail": "cross-site request refused"}, 403)
+        return await call_next(request)
 
     def entry_of(slide_id: str) -> SlideEntry:
         # the only way from a request to a file: an exact key of the table built at start-up
@@ -211,10 +247,17 @@ def create_app(state: ServeState) -> Any:
         outputs = state.finder.find(entry)
         if outputs.store is None:
             raise HTTPException(409, f"slide {slide_id} has no features yet: preprocess it first")
-        future = state.worker.submit(state.worker.answer, outputs.store, request.question, request.history)
-        reply = await asyncio.wrap_future(future)
+        history = recent_history(request.history)
+        future = state.worker.submit(state.worker.answer, outputs.store, request.question, history)
+        try:
+            reply = await asyncio.wrap_future(future)
+        except EmptySlideError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except UserError as exc:  # a damaged store: the message names it
+            raise HTTPException(422, str(exc)) from exc
         out: dict[str, Any] = {"answer": reply.answer, "answer_seconds": round(reply.answer_seconds, 3),
-                               "attribution_seconds": round(reply.attribution_seconds, 3)}
+                               "attribution_seconds": round(reply.attribution_seconds, 3),
+                               "history_used": len(history)}
         if reply.heat is not None:
             shown = display_heat(reply.heat)
             order = np.argsort(-reply.heat, kind="stable")
@@ -257,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket, or a UsageError naming the address when it is taken."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: a TCP port is 0..65535 (0: any free port)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -310,7 +355,8 @@ def build_state(a: argparse.Namespace) -> ServeState:
     worker = ModelWorker(model, max_new_tokens=a.max_new_tokens, attribution_steps=a.attribution_steps)
     # the page shows the name: a model of the synthetic demo says so there too
     name = model_dir.name + (" (trained on the synthetic demo data)" if demo_notice(model_dir) else "")
-    return ServeState(table, finder, worker, Preprocessor(settings, finder, reason), name)
+    return ServeState(table, finder, worker, Preprocessor(settings, finder, reason), name,
+                      loopback_only=a.host in LOOPBACK_HOSTS)
 
 
 def main(argv: list[str]) -> int:
@@ -324,7 +370,7 @@ def main(argv: list[str]) -> int:
     if notice:
         print(f"slidechat serve: {notice}", flush=True)
     host, port = sock.getsockname()[:2]
-    if a.host not in ("127.0.0.1", "localhost", "::1"):
+    if not state.loopback_only:
         print(f"slidechat serve: warning: listening on {a.host}, reachable from other machines", flush=True)
     ready = sum(state.finder.find(e).stage == "ready" for e in state.slides.values())
     print(f"slidechat serve: {len(state.slides)} slides ({ready} ready), model {state.model_name}; "

@@ -24,9 +24,13 @@ import torch
 from slidechat.inference import FeatureSettings, prepare_slide
 from slidechat.serve.attribution import patch_attribution
 from slidechat.serve.slides import OutputFinder, SlideEntry
-from wsicore.errors import UserError
+from wsicore.errors import InputError, UserError
 
 log = logging.getLogger("slidechat.serve")
+
+
+class EmptySlideError(InputError):
+    """The slide's feature store has no patches (no tissue was found): there is nothing to ask about."""
 
 
 @dataclass
@@ -87,6 +91,9 @@ class ModelWorker:
             return self._slides[key]
         device, dtype = model_device_dtype(self.model)
         features = load_slide_tensor(store, device, dtype, self.model.config.feature_dim)
+        if features.shape[0] == 0:
+            raise EmptySlideError(f"{store.name} has no tissue patches (preprocessing found no tissue on the slide): "
+                                  "there is nothing to ask about")
         with torch.inference_mode():
             visual = self.model.encode_slide(features)
         self.encodings += 1

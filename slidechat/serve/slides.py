@@ -14,6 +14,8 @@ that `slidechat ask` and the page's "preprocess" button fill (`<cache>/<id>/segm
 from __future__ import annotations
 
 import csv
+import glob
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ from wsicore.errors import InputError
 
 # The slide formats the workflow discovers in a folder (config key slides.extensions).
 SLIDE_EXTENSIONS = ("svs", "tif", "tiff", "ndpi", "vms", "vmu", "scn", "mrxs", "svslide", "bif", "dcm")
+# Sample-sheet ids as the workflow accepts them (workflow/schemas/samples.schema.yaml): an id names files and
+# the slide's cache folder, so it must not be a path.
+SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 FEATURE_KEYS = {"feature_encoder": "encoder", "feature_transform": "transform", "feature_target_mpp": "target_mpp",
                 "feature_patch_size": "patch_size"}
 
@@ -53,10 +58,13 @@ class SlideOutputs:
 
 
 def read_slide_table(source: str | Path) -> dict[str, SlideEntry]:
-    """Slides from a folder (id = file stem, by extension) or a sample sheet CSV (`slide_id,path[,mpp]`)."""
+    """Slides from a folder (id = file stem, by extension), one slide file, or a sample sheet CSV
+    (`slide_id,path[,mpp]`)."""
     source = Path(source)
     if source.is_dir():
         return _discover(source)
+    if source.is_file() and source.suffix.lower().lstrip(".") in SLIDE_EXTENSIONS:
+        return {source.stem: SlideEntry(source.stem, source)}
     if source.is_file():
         return _sample_sheet(source)
     raise InputError(f"--slides {source}: no such folder or sample sheet; pass a folder of slides or a CSV "
@@ -78,8 +86,12 @@ def _discover(folder: Path) -> dict[str, SlideEntry]:
 
 
 def _sample_sheet(sheet: Path) -> dict[str, SlideEntry]:
-    with open(sheet, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(sheet, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--slides {sheet}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); pass a folder, "
+                         "a slide file, or a sample sheet CSV saved as UTF-8") from None
     if not rows or not {"slide_id", "path"} <= set(rows[0]):
         raise InputError(f"--slides {sheet}: a sample sheet needs the columns slide_id and path (and optionally mpp)")
     found: dict[str, SlideEntry] = {}
@@ -87,6 +99,9 @@ def _sample_sheet(sheet: Path) -> dict[str, SlideEntry]:
         slide_id, path = (row.get("slide_id") or "").strip(), (row.get("path") or "").strip()
         if not slide_id or not path:
             raise InputError(f"--slides {sheet} line {n}: empty slide_id or path")
+        if not SAMPLE_ID.fullmatch(slide_id):
+            raise InputError(f"--slides {sheet} line {n}: slide_id {slide_id!r} must be letters, digits, '_', '.' "
+                             "and '-', starting with a letter or digit (as the workflow's sample sheets)")
         if slide_id in found:
             raise InputError(f"--slides {sheet} line {n}: duplicate slide_id {slide_id!r}")
         mpp_text = (row.get("mpp") or "").strip()
@@ -127,14 +142,15 @@ class OutputFinder:
         return self.cache_dir / entry.slide_id
 
     def find(self, entry: SlideEntry) -> SlideOutputs:
-        stem = entry.path.stem
+        # names are matched literally: a slide called `a[1]` must not find the outputs of `a1`
+        stem, sid = glob.escape(entry.path.stem), glob.escape(entry.slide_id)
         places: list[tuple[list[Path], list[Path], list[Path]]] = []
         if self.results_dir is not None:
             r = self.results_dir
             places.append(([r / "segmentation" / f"{entry.slide_id}.geojson"], [r / "patches" / f"{entry.slide_id}.h5"],
-                           sorted(r.glob(f"features/*/{entry.slide_id}.zarr")) + sorted(r.glob(f"features/*/{entry.slide_id}.h5"))))
+                           sorted(r.glob(f"features/*/{sid}.zarr")) + sorted(r.glob(f"features/*/{sid}.h5"))))
         c = self.cache_of(entry)
-        places.append(([c / "segmentation" / f"{stem}.geojson"], sorted(c.glob(f"tiles-*/{stem}.h5")),
+        places.append(([c / "segmentation" / f"{entry.path.stem}.geojson"], sorted(c.glob(f"tiles-*/{stem}.h5")),
                        sorted(c.glob(f"features-*/{stem}.zarr"))))
         geojson = coords = store = None
         for geo_list, coord_list, stores in places:

@@ -2,6 +2,9 @@
 "use strict";
 
 const api = (path) => fetch(path).then((r) => (r.ok ? r.json() : Promise.reject(r)));
+// an error's message: FastAPI's {"detail": ...}, or the status line when the body is not JSON (a crash)
+const detail = (r) => r.json().then((b) => (typeof b.detail === "string" ? b.detail : JSON.stringify(b.detail)),
+  () => `${r.status} ${r.statusText}`);
 const $ = (id) => document.getElementById(id);
 const slidePath = (id) => "/api/slides/" + encodeURIComponent(id);
 
@@ -201,7 +204,7 @@ function jobView(job) {
 
 async function startPreprocess(id) {
   const r = await fetch(slidePath(id) + "/preprocess", { method: "POST" });
-  if (!r.ok) { alert((await r.json()).detail); return; }
+  if (!r.ok) { alert(await detail(r)); return; }
   await refreshSlides();
   watchJob(id);
 }
@@ -275,7 +278,9 @@ function answerView(turn, k) {
   if (turn.display) {
     const meta = document.createElement("div");
     meta.className = "answer-meta";
-    meta.textContent = `answer ${turn.answer_seconds}s, heatmap ${turn.attribution_seconds}s · hottest patches:`;
+    const dropped = turn.history_sent - turn.history_used;
+    meta.textContent = `answer ${turn.answer_seconds}s, heatmap ${turn.attribution_seconds}s` +
+      (dropped > 0 ? ` · the ${dropped} oldest turns were left out (history budget)` : "") + " · hottest patches:";
     const chips = document.createElement("div");
     chips.className = "top-patches";
     turn.top.forEach((i, rank) => {
@@ -305,7 +310,7 @@ $("chat-form").addEventListener("submit", async (event) => {
   if (!id || !question) return;
   const turns = (state.chats[id] = state.chats[id] || []);
   const history = turns.filter((t) => !t.error && !t.pending).map((t) => [t.question, t.answer]);
-  const turn = { question, pending: true };
+  const turn = { question, pending: true, history_sent: history.length };
   turns.push(turn);
   $("question").value = "";
   renderChat();
@@ -313,9 +318,8 @@ $("chat-form").addEventListener("submit", async (event) => {
   try {
     const r = await fetch(slidePath(id) + "/chat", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ question, history }) });
-    const body = await r.json();
-    if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
-    Object.assign(turn, body, { pending: false });
+    if (!r.ok) throw new Error(await detail(r));
+    Object.assign(turn, await r.json(), { pending: false });
   } catch (e) {
     Object.assign(turn, { pending: false, error: "error: " + e.message });
   }
