@@ -127,9 +127,9 @@ def check_extraction(ctx: Context) -> str:
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
     reference = ModelRunner(build_encoder(ctx.sizes.encoder, allow_random=True, device="cpu"))
     runner = ModelRunner(build_encoder(ctx.sizes.encoder, allow_random=True, device=ctx.device))
-    expected = torch.from_numpy(reference.launch(images)())
-    runner.launch(images[:8])()  # warm-up: kernels, allocations
-    got, dt = _timed(ctx, lambda: torch.from_numpy(runner.launch(images)()))
+    expected = torch.from_numpy(reference.launch(images)[0]())  # launch -> (wait for features, input-free event)
+    runner.launch(images[:8])[0]()  # warm-up: kernels, allocations
+    got, dt = _timed(ctx, lambda: torch.from_numpy(runner.launch(images)[0]()))
     cos = float(cosine(got, expected).min())
     assert cos > 0.99, f"features differ from CPU fp32: min cosine {cos:.5f}"
     return f"{runner.precision} vs CPU fp32, min cosine {cos:.5f}; {n / dt:.0f} patches/s ({ctx.sizes.encoder})"

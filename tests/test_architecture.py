@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("wsicore", "preprocessing", "slidechat")
 # What slidechat may import from preprocessing besides `preprocessing.stores` (the store surface).
 ENTRY_POINTS = {
-    "preprocessing.tissue": {"segment_slide", "segmentation_paths"},
+    "preprocessing.tissue": {"segment_slide", "segmentation_paths", "PRESETS"},  # preset names for --preset
     "preprocessing.tiling": {"tile_slide", "load_coords"},
     "preprocessing.extract": {"extract_slide"},
 }
