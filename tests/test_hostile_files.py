@@ -1,0 +1,87 @@
+"""Hostile files, second round: bombs, damaged archives and lies that the first readers let through.
+
+Each test builds the file as an attacker (or a clumsy user) would, shows that the reader refuses it with
+one error naming the file, and that nothing was allocated, hung or changed on the way.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_untrusted_files import ENV, legacy_with_pickle, zip_with_pickle
+from wsicore.errors import InputError, UnsafeFileError
+from wsicore.torchfile import load_strict, read_torch_file
+
+
+def _long(v: int) -> bytes:
+    return b"\x8a\x08" + v.to_bytes(8, "little", signed=True)
+
+
+@pytest.mark.parametrize("writer", [zip_with_pickle, legacy_with_pickle], ids=["zip", "legacy"])
+def test_bytearray_bomb_is_refused_before_anything_is_allocated(tmp_path, writer):
+    # 40 bytes that ask for a zero-filled 1 TB buffer: bytearray(N) through REDUCE
+    f = writer(tmp_path / "bomb.pt", b"\x80\x02c__builtin__\nbytearray\nq\x00" + _long(1 << 40) + b"\x85R.")
+    with pytest.raises(UnsafeFileError, match=rf"{f}: refused: its pickle names builtins\.bytearray"):
+        read_torch_file(f)
+
+
+def _run_isolated(code: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter: a hang or a crash must not take the test process with it."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=timeout,
+                          cwd=Path(__file__).parent)
+
+
+@pytest.mark.parametrize("kind", ["shared", "deep"])
+def test_pickle_structure_bombs_are_refused_quickly(tmp_path, kind):
+    if kind == "shared":  # a dict key t40 with t(i+1) = (t(i), t(i)): 160 bytes, 2**40 tuples to hash
+        body = b"\x80\x02}K\x00" + b"q\x00h\x00\x86" * 40 + b"K\x01s."
+    else:  # a key nested 3 million tuples deep: hashing it overflows the C stack (segfault)
+        body = b"\x80\x02}K\x00" + b"\x85" * 3_000_000 + b"K\x01s."
+    f = zip_with_pickle(tmp_path / f"{kind}.pt", body)
+    run = _run_isolated("import sys\nfrom wsicore.torchfile import read_torch_file\nfrom wsicore.errors import "
+                        f"UnsafeFileError\ntry:\n    read_torch_file({str(f)!r})\nexcept UnsafeFileError as e:\n"
+                        "    print('REFUSED', e)\n")
+    assert run.returncode == 0 and run.stdout.startswith(f"REFUSED {f}: refused: "), run.stdout + run.stderr
+    assert ("nested more than" if kind == "deep" else "elements") in run.stdout
+
+
+def test_ordinary_nesting_and_sharing_still_read(tmp_path):
+    # what real checkpoints hold: configs nested a few levels, one tuple shared by many entries
+    shared = (0.9, 0.999)
+    obj = {"cfg": {"a": {"b": {"c": [1, 2, {"d": (3, 4)}]}}}, "groups": [{"betas": shared} for _ in range(5000)],
+           "w": torch.ones(3)}
+    for zip_format in (True, False):
+        torch.save(obj, tmp_path / "ok.pt", _use_new_zipfile_serialization=zip_format)
+        back = read_torch_file(tmp_path / "ok.pt")
+        assert back["cfg"] == obj["cfg"] and len(back["groups"]) == 5000 and torch.equal(back["w"], obj["w"])
+
+
+def _rezipped(src: Path, dst: Path, compression: int) -> Path:
+    """`src` unpacked and packed again with `compression`, as `zip -r` or an archive manager does."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    return dst
+
+
+def test_rezipped_checkpoint_is_refused_not_read_as_garbage(tmp_path):
+    torch.save({"w": torch.arange(6.0)}, tmp_path / "w.pt")
+    stored = _rezipped(tmp_path / "w.pt", tmp_path / "stored.pt", zipfile.ZIP_STORED)
+    assert torch.equal(read_torch_file(stored)["w"], torch.arange(6.0))  # re-packing as torch does is fine
+    f = _rezipped(tmp_path / "w.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    with pytest.raises(InputError, match=rf"{f}: .*compressed"):  # memory-mapped, its bytes were read raw
+        read_torch_file(f)
+
+
+def test_load_strict_does_not_scan_a_huge_tensor_of_the_wrong_shape(tmp_path):
+    # 8 bytes of storage seen as a 2**17 x 2**17 tensor (stride 0): checking its values would allocate 16 GiB
+    huge = torch.zeros(1).expand(1 << 17, 1 << 17)
+    with pytest.raises(InputError, match=r"shape mismatch \(1\): weight \(131072, 131072\)"):
+        load_strict(torch.nn.Linear(2, 2, bias=False), {"weight": huge}, "huge.pt")
