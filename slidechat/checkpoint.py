@@ -100,12 +100,35 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
+    """The causal LM of a Hugging Face directory. Transformers reads safetensors only: pickled weights
+    (`pytorch_model*.bin`, older saves) are read by our weights-only reader, never unpickled by transformers,
+    and code in the directory (`auto_map`) never runs."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    pickled = sorted(path.glob("pytorch_model*.bin"))
+    if pickled and not any(path.glob("*.safetensors")):
+        weights: dict[str, Tensor] = {}
+        for f in pickled:
+            weights.update(read_state_dict(f))
+        return _llm_from_state_dict(path, weights, torch_dtype, str(path))
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as exc:  # no config.json or no weights
+        raise MissingCheckpointError(f"{path}: not a loadable Hugging Face causal LM directory ({exc})") from exc
+    except ValueError as exc:  # an architecture transformers does not have (e.g. one that needs remote code)
+        raise InputError(f"{path}: its model cannot be built by this transformers version, and code shipped with "
+                         f"a model is never run ({exc})") from exc
+
+
+def _require_safetensors_adapter(adapter: Path) -> Path:
+    """A PEFT adapter folder whose weights are safetensors (peft would unpickle adapter_model.bin itself)."""
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise InputError(f"{adapter}: no adapter_model.safetensors (a pickled adapter_model.bin is not read); save "
+                         "the adapter with peft's save_pretrained(safe_serialization=True)")
+    return adapter
 
 
 def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None,
@@ -114,7 +137,10 @@ def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: to
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: no usable config.json for the LLM ({exc})") from exc
     with init_empty_weights(include_buffers=False):
         llm = AutoModelForCausalLM.from_config(config)
     tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False))
@@ -206,7 +232,7 @@ def _load_xtuner_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtyp
     if adapter.is_dir():
         from peft import PeftModel
 
-        model.llm = PeftModel.from_pretrained(model.llm, str(adapter))
+        model.llm = PeftModel.from_pretrained(model.llm, str(_require_safetensors_adapter(adapter)))
         model.llm_weights_loaded = True
     return model
 
@@ -260,7 +286,8 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
         if fmt == "peft_adapter":
             from peft import PeftModel
 
-            llm_module = PeftModel.from_pretrained(llm_module, str(path / ADAPTER_SUBDIR))
+            adapter = _require_safetensors_adapter(path / ADAPTER_SUBDIR)
+            llm_module = PeftModel.from_pretrained(llm_module, str(adapter))
         elif fmt != "base":
             raise InputError(f"{path / CONFIG_FILE}: unknown llm_format {fmt!r}")
     model = SlideChat(llm_module, _load_tokenizer(tok_dir), cfg, llm_source=meta.get("llm_source"))

@@ -297,7 +297,8 @@ def _load_4bit_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
     from slidechat.model import SlideChat
 
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, quantization_config=quantization_config(),
-                                               local_files_only=True, dtype=torch.bfloat16)
+                                               local_files_only=True, dtype=torch.bfloat16,
+                                               use_safetensors=True)  # transformers never unpickles weights
     return SlideChat(llm, AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True), mcfg, llm_source=str(cfg.llm))
 
 

@@ -85,3 +85,83 @@ def test_load_strict_does_not_scan_a_huge_tensor_of_the_wrong_shape(tmp_path):
     huge = torch.zeros(1).expand(1 << 17, 1 << 17)
     with pytest.raises(InputError, match=r"shape mismatch \(1\): weight \(131072, 131072\)"):
         load_strict(torch.nn.Linear(2, 2, bias=False), {"weight": huge}, "huge.pt")
+
+
+# ----------------------------------------------------------------------------- LLM and adapter folders
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickled_llm_dir(tiny_llm: Path, dst: Path, extra: dict | None = None) -> Path:
+    """The tiny LLM saved the pre-safetensors way: its weights in pytorch_model.bin (a torch pickle)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_llm, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    torch.save({**weights, **(extra or {})}, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_llm_dir_with_pickled_weights_is_read_by_our_reader(tiny_llm, tmp_path):
+    from slidechat.checkpoint import new_model
+
+    pickled = _pickled_llm_dir(tiny_llm, tmp_path / "bin-llm")
+    ref, back = new_model(tiny_llm), new_model(pickled)
+    for (k, a), (k2, b) in zip(ref.llm.state_dict().items(), back.llm.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    # a gadget in it is refused by our reader (transformers would have unpickled the file itself)
+    marker = tmp_path / "pwned"
+    evil = _pickled_llm_dir(tiny_llm, tmp_path / "evil-llm", {"x": _Exploit(marker)})
+    with pytest.raises(UnsafeFileError, match=rf"{evil / 'pytorch_model.bin'}: refused: .*posix\.system"):
+        new_model(evil)
+    assert not marker.exists()
+
+
+def test_llm_dir_with_remote_code_or_without_weights_is_a_clear_error(tiny_llm, tmp_path):
+    import json
+    import shutil
+
+    from slidechat.checkpoint import MissingCheckpointError, new_model
+
+    remote = shutil.copytree(tiny_llm, tmp_path / "remote")
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="evil_model", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    (remote / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "pwned"
+    (remote / "modeling_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    with pytest.raises(InputError, match=rf"{remote}: "):
+        new_model(remote)
+    assert not marker.exists()
+    empty = shutil.copytree(tiny_llm, tmp_path / "no-weights")
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(MissingCheckpointError, match=rf"{empty}: "):
+        new_model(empty)
+
+
+def test_pickled_peft_adapter_is_refused(tiny_llm, tmp_path):
+    from slidechat.checkpoint import load_model, new_model, save_model
+    from slidechat.model import SlideChatConfig
+
+    peft = pytest.importorskip("peft")
+    model = new_model(tiny_llm, SlideChatConfig(encoder_layers=1, encoder_ffn_dim=32, encoder_heads=4))
+    model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    out = save_model(model, tmp_path / "lora")
+    assert isinstance(load_model(out).llm, peft.PeftModel)
+    adapter = out / "llm_adapter"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputError, match=rf"{adapter}: .*adapter_model\.safetensors"):
+        load_model(out)
