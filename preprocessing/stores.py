@@ -650,7 +650,7 @@ def write_zarr_store(
     features = features if features.ndim == 2 else features.reshape(len(coords), -1)
     valid = np.ones(len(coords), bool) if valid is None else np.asarray(valid, bool)
     attrs = {k: v for k, v in attrs.items() if k not in {"integrity", "complete", "chunk_rows"}}
-    with atomic_path(final, is_dir=True) as tmp:
+    with atomic_path(final, is_dir=True, replaces="zarr.json") as tmp:
         store = PartialZarrStore.create(tmp, np.asarray(coords), features.shape[1], dtype, chunk_rows, attrs)
         for i in range(store.n_chunks):
             a, b = store.chunk_rows_of(i)

@@ -316,7 +316,7 @@ def save_model(model: SlideChat, out_dir: str | Path, save_llm: bool = True) -> 
     fmt = "peft_adapter" if is_peft else ("full" if save_llm else "base")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if k.startswith(("LongNet_encoder.", "projector."))}
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, replaces=CONFIG_FILE) as tmp:
         save_file(state, str(tmp / VISUAL_WEIGHTS_FILE))
         if fmt == "full":
             model.llm.save_pretrained(tmp / LLM_SUBDIR)

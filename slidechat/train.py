@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from wsicore.cli import command_parser
-from wsicore.files import atomic_path, jsonable, write_json
+from wsicore.files import atomic_path, check_replaceable, jsonable, write_json
 from wsicore.settings import add_arguments, from_arguments, setting
 from wsicore.errors import UserError, EXIT_DIVERGED
 from wsicore.torchfile import read_torch_file
@@ -128,6 +128,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} is required")
         if not Path(c.data).is_file():
             raise FileNotFoundError(f"training data not found: {c.data} (option --data)")
+        from slidechat.checkpoint import CONFIG_FILE
+
+        check_replaceable(c.out, CONFIG_FILE)  # before hours of training, not when the model is written
         if c.stage == 1 and not c.llm and not c.init:
             raise ValueError("stage 1 needs --llm (a local Hugging Face LLM directory)")
         if c.stage == 2 and not c.init:
@@ -408,7 +411,7 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, optimizer: torc
                     scheduler: Any, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint-<step> atomically, then drop the oldest beyond `keep` (never the new one)."""
     final = work_dir / f"{CKPT_PREFIX}{step:08d}"
-    with atomic_path(final, is_dir=True) as tmp:
+    with atomic_path(final, is_dir=True, replaces="trainer_state.json") as tmp:
         torch.save(trainable_state(model), tmp / "trainable.pt")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "optim.pt")
@@ -886,7 +889,7 @@ def write_final(run: Run) -> None:
     """The declared output: model + training log + curves, renamed into place in one go (rank 0 writes)."""
     from safetensors.torch import save_file
 
-    from slidechat.checkpoint import VISUAL_WEIGHTS_FILE, save_model
+    from slidechat.checkpoint import CONFIG_FILE, VISUAL_WEIGHTS_FILE, save_model
     from slidechat.plots import plot_training_curves
 
     cfg, model = run.cfg, run.model
@@ -900,7 +903,7 @@ def write_final(run: Run) -> None:
         gathered = contextlib.nullcontext()
     with gathered:
         if run.rank == 0:
-            with atomic_path(cfg.out, is_dir=True) as tmp:
+            with atomic_path(cfg.out, is_dir=True, replaces=CONFIG_FILE) as tmp:
                 # Stage 1 leaves the LLM as it was: save a reference to it, not a copy (stage 2 gets --llm again).
                 save_model(model, tmp, save_llm=cfg.stage != 1)
                 if visual is not None:  # the fp32 masters instead of the engine's 16-bit copies

@@ -165,3 +165,39 @@ def test_pickled_peft_adapter_is_refused(tiny_llm, tmp_path):
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(InputError, match=rf"{adapter}: .*adapter_model\.safetensors"):
         load_model(out)
+
+
+# ----------------------------------------------------------------------------- output folders
+
+
+def test_an_output_path_that_names_a_users_folder_is_refused_not_emptied(tiny_llm, tmp_path, capsys):
+    from slidechat.checkpoint import new_model, save_model
+    from slidechat.cli import main as slidechat_cli
+    from slidechat.model import SlideChatConfig
+
+    model = new_model(tiny_llm, SlideChatConfig(encoder_layers=1, encoder_ffn_dim=32, encoder_heads=4))
+    folder = tmp_path / "my-models"  # `--out my-models` meaning "into my-models/"
+    (folder / "older").mkdir(parents=True)
+    (folder / "older" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match=rf"{folder}: exists and is not .*slidechat_config\.json"):
+        save_model(model, folder)
+    assert (folder / "older" / "notes.txt").read_text() == "keep me"
+    # a model directory written before is replaced, and so is an empty folder
+    first = save_model(model, tmp_path / "stage1")
+    assert save_model(model, first) == first and (first / "slidechat_config.json").is_file()
+    (tmp_path / "empty").mkdir()
+    assert (save_model(model, tmp_path / "empty") / "slidechat_config.json").is_file()
+    # the same through the command line, and for `slidechat train --out` before any training starts
+    ckpt = tmp_path / "released.pt"
+    torch.save({"module": {f"LongNet_encoder.{k}": v for k, v in model.LongNet_encoder.state_dict().items()}
+                | {f"projector.{k}": v for k, v in model.projector.state_dict().items()}}, ckpt)
+    capsys.readouterr()
+    assert slidechat_cli(["convert-checkpoint", str(ckpt), str(folder), "--llm", str(tiny_llm),
+                          "--num-heads", "4"]) == 2
+    assert f"{folder}: exists and is not" in capsys.readouterr().err
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    assert slidechat_cli(["train", "--stage", "1", "--llm", str(tiny_llm), "--data", str(data), "--out", str(folder),
+                          "--work-dir", str(tmp_path / "work")]) == 2
+    assert f"{folder}: exists and is not" in capsys.readouterr().err
+    assert (folder / "older" / "notes.txt").read_text() == "keep me" and not (tmp_path / "work").exists()
