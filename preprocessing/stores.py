@@ -238,11 +238,25 @@ def _damaged(p: Path, slide_id: str, problems: list[str]) -> StoreError:
                       f"extraction for slide {slide_id}.")
 
 
-def _verify(p: Path, slide_id: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Refuse arrays whose row count or block checksums differ from the store's integrity record."""
+def _record_geometry(p: Path, record: dict) -> tuple[int, int]:
+    """(rows, block_rows) of an integrity record, refusing a record that is not one (edited by hand)."""
     if record.get("algorithm") != INTEGRITY_ALGORITHM:
         raise StoreError(f"{p}: unknown checksum algorithm {record.get('algorithm')!r} in its integrity record")
-    rows, block = int(record["rows"]), int(record["block_rows"])
+    try:
+        rows, block = int(record["rows"]), int(record["block_rows"])
+    except (KeyError, TypeError, ValueError):
+        rows = block = -1
+    lists = all(isinstance(record.get(k, []), list) for k in ("features", "coords", "valid"))
+    if rows < 0 or block < 1 or not lists:
+        raise StoreError(f"{p}: its integrity record is malformed (rows {record.get('rows')!r}, block_rows "
+                         f"{record.get('block_rows')!r}, checksum lists expected), so the store cannot be checked. "
+                         "Delete the store and re-run feature extraction")
+    return rows, block
+
+
+def _verify(p: Path, slide_id: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse arrays whose row count or block checksums differ from the store's integrity record."""
+    rows, block = _record_geometry(p, record)
     problems = []
     for name, arr in arrays.items():
         want = record.get(name)
@@ -270,6 +284,33 @@ def _check_finite(p: Path, slide_id: str, features: np.ndarray, rows: np.ndarray
     shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
     raise StoreError(f"{p}: {len(bad)} patch row(s) of slide {slide_id} hold NaN/inf features (rows {shown}); "
                      f"re-run feature extraction for slide {slide_id} (at float32 if float16 overflowed)")
+
+
+def _numeric(p: Path, what: str, a: np.ndarray) -> np.ndarray:
+    """`a` if it holds real numbers (another tool's store may hold text or complex values)."""
+    if a.dtype.kind not in "fiu":
+        raise StoreError(f"{p}: {what} are not numbers (dtype {a.dtype}); not a feature store this project reads")
+    return a
+
+
+def _pixel_coords(p: Path, coords: np.ndarray) -> np.ndarray:
+    """Another tool's coords as int64, refusing non-integral or non-finite positions and repeated patches."""
+    coords = _numeric(p, "coords", coords)
+    if coords.dtype.kind == "f":
+        bad = np.flatnonzero(~(np.isfinite(coords) & (coords == np.round(coords))).all(axis=1))
+        if len(bad):
+            raise StoreError(f"{p}: coords are not whole pixel positions at {len(bad)} row(s) (row {bad[0]}: "
+                             f"{coords[bad[0]].tolist()}); not usable as patch coordinates")
+    coords = coords.astype(np.int64)
+    if len(coords) and not (coords == -1).all():  # -1: a store without coordinates
+        places, counts = np.unique(coords, axis=0, return_counts=True)
+        if (counts > 1).any():
+            first = int(np.flatnonzero(counts > 1)[0])
+            x, y = places[first]
+            raise StoreError(f"{p}: {counts[first]} rows at the same coordinates ({x}, {y}) ({int((counts > 1).sum())} "
+                             "such place(s)): a patch is listed more than once (were two extractions concatenated?); "
+                             "re-extract the slide or keep one row per patch")
+    return coords
 
 
 def _unsealed(p: Path, slide_id: str) -> StoreError:
@@ -382,7 +423,7 @@ def _read_zarr(p: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         raise _unsealed(p, slide_id)
     if attrs.get("complete") is not True:
         raise StoreError(f"{p}: incomplete feature store; re-run feature extraction for slide {slide_id}")
-    block = int(record["block_rows"])
+    block = _record_geometry(p, record)[1]
     arrays = {k: _read_zarr_array(p, slide_id, g, k, block) for k in ("features", "coords", "valid")}
     _verify(p, slide_id, record, arrays)
     return arrays["features"], arrays["coords"], arrays["valid"].astype(bool), attrs
@@ -440,8 +481,10 @@ def _load_h5(p: Path) -> FeatureSet:
             raise StoreError(f"{p}: coords have shape {coords.shape}; expected (patches, 2)")
     if len(coords) != len(feats):
         raise StoreError(f"{p}: {len(feats)} feature rows but {len(coords)} coords")
-    x = feats.astype(np.float32, copy=False)
+    x = _numeric(p, "features", feats).astype(np.float32, copy=False)
     _check_finite(p, slide_id, x)
+    if not isinstance(record, dict):  # ours were checked against their record
+        coords = _pixel_coords(p, coords)
     return FeatureSet(x, coords.astype(np.int64, copy=False), attrs, slide_id)
 
 
@@ -467,6 +510,7 @@ def _load_csv(p: Path) -> FeatureSet:
             if m is None:
                 raise StoreError(f"{p}: row {i}: patch_name {name!r} is not '{{x}}_{{y}}.jpeg'")
             coords[i] = (int(m.group(1)), int(m.group(2)))
+        coords = _pixel_coords(p, coords)
         has_coords = True
     else:  # SlideChat's loader only uses the first 512 columns; a CSV without names still has features
         coords = np.full((len(df), 2), -1, np.int64)
