@@ -235,7 +235,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL_FILE
-    key = _resume_key(benchmark, model_dir, llm, settings, limit)
+    key = _resume_key(benchmark, model_dir, llm, settings, limit, features_dir, slide_map)
     done = _read_partial(partial, key, log) if resume else {}
     if not resume or not done:
         partial.write_text(json.dumps({"resume_key": key}) + "\n")
@@ -278,13 +278,29 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
 PARTIAL_FILE = ".outputs.partial.jsonl"
 
 
-def _resume_key(benchmark: Any, model_dir: Any, llm: Any, settings: EvalSettings, limit: int | None) -> dict[str, Any]:
-    """What must not change for answers of an interrupted run to be reused."""
+def _resume_key(benchmark: Any, model_dir: Any, llm: Any, settings: EvalSettings, limit: int | None,
+                features_dir: Any, slide_map: Any) -> dict[str, Any]:
+    """What must not change for answers of an interrupted run to be reused: the benchmark, the model (its
+    files, not only its path: it may have been trained again), the features and the settings."""
     b = Path(benchmark)
     return {"benchmark": str(b.resolve()), "benchmark_mtime_ns": b.stat().st_mtime_ns,
-            "model": str(Path(model_dir).resolve()), "llm": str(llm) if llm else None,
+            "model": str(Path(model_dir).resolve()), "model_mtime_ns": _newest_mtime_ns(model_dir),
+            "llm": str(llm) if llm else None,
+            "features_dir": str(Path(features_dir).resolve()) if features_dir else None,
+            "features_mtime_ns": _newest_mtime_ns(features_dir),
+            "slide_map": str(Path(slide_map).resolve()) if slide_map else None,
+            "slide_map_mtime_ns": _newest_mtime_ns(slide_map),
             "max_new_tokens": settings.max_new_tokens, "answer_with_letter": settings.answer_with_letter,
             "greedy": settings.greedy, "caption_prompt": settings.caption_prompt, "limit": limit}
+
+
+def _newest_mtime_ns(path: Any) -> int | None:
+    """Newest modification time of a file, or of a folder and what it holds directly (a rewritten model
+    directory or a store added to a features folder changes it)."""
+    if not path or not Path(path).exists():
+        return None
+    p = Path(path)
+    return max([p.stat().st_mtime_ns] + ([c.stat().st_mtime_ns for c in p.iterdir()] if p.is_dir() else []))
 
 
 def _read_partial(path: Path, key: dict[str, Any], log: Callable[[str], None] | None) -> dict[str, dict[str, Any]]:

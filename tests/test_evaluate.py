@@ -162,7 +162,7 @@ def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_
     settings = EvalSettings(max_new_tokens=4)
     out.mkdir()
     # what a run killed after its first slide leaves behind (the answer text marks it as reused)
-    lines = [{"resume_key": _resume_key(bench_csv, model_dir, None, settings, None)},
+    lines = [{"resume_key": _resume_key(bench_csv, model_dir, None, settings, None, feats, None)},
              {"qid": "100", "Output": "B. from the first run", "Prediction": "B", "Status": "ok",
               "MaxNewTokens": 4, "LetterInstruction": False},
              {"qid": "103", "Output": "", "Prediction": "", "Status": "no_features"}]
@@ -176,6 +176,29 @@ def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_
     (out / PARTIAL_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     m2 = evaluate(bench_csv, feats, model_dir, out, settings=EvalSettings(max_new_tokens=3), model=model, log=None)
     assert m2["settings"]["n_resumed"] == 0 and m2["settings"]["n_generated"] == 5
+
+
+def test_evaluate_does_not_resume_answers_made_from_other_features_or_another_model(model, model_dir, bench_setup,
+                                                                                     tmp_path):
+    from slidechat.evaluate import PARTIAL_FILE, _resume_key
+
+    bench_csv, feats = bench_setup
+    settings = EvalSettings(max_new_tokens=4)
+    other_feats = tmp_path / "other-features"  # e.g. the first run was pointed at another encoder's stores
+    shutil.copytree(feats, other_feats)
+    retrained = tmp_path / "model"  # the model was trained again at the same path after the interruption
+    shutil.copytree(model_dir, retrained)
+    for run_features, run_model in ((other_feats, model_dir), (feats, retrained)):
+        key = _resume_key(bench_csv, run_model, None, settings, None, run_features, None)
+        if run_model == retrained:
+            save_model(model, retrained)  # written again: new files
+        out = tmp_path / f"eval-{run_features.name}-{run_model.name}"
+        out.mkdir()
+        (out / PARTIAL_FILE).write_text(json.dumps({"resume_key": key}) + "\n" + json.dumps(
+            {"qid": "100", "Output": "B. from the first run", "Prediction": "B", "Status": "ok"}) + "\n")
+        m = evaluate(bench_csv, feats, retrained if run_model == retrained else model_dir, out, settings=settings,
+                     model=model, log=None)
+        assert m["settings"]["n_resumed"] == 0 and m["settings"]["n_generated"] == 5, (run_features, run_model)
 
 
 def test_slide_map_renames_and_relative_paths(tmp_path):
