@@ -200,6 +200,35 @@ class FeatureStoreIndex:
         return {k: sorted(v, key=lambda p: rank[p.suffix.lower()]) for k, v in found.items()}
 
 
+# What made a store's features. Stores used together (one training set, one evaluation) must agree on it:
+# features of another encoder, checkpoint, transform or patch geometry have the same shape but mean
+# something else to the model.
+PROVENANCE_KEYS = ("encoder", "checkpoint_sha256", "transform", "target_mpp", "patch_size")
+
+
+class SameFeatures:
+    """Checks that stores were made the same way (`PROVENANCE_KEYS`, as far as both record them)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[Path, dict] | None = None
+
+    def add(self, store: Path, attrs: dict) -> None:
+        made = {k: attrs[k] for k in PROVENANCE_KEYS if attrs.get(k) is not None}
+        if not made:  # another tool's store records nothing
+            return
+        if self.first is None:
+            self.first = (store, made)
+            return
+        ref_store, ref = self.first
+        keys = [k for k in made if k in ref and made[k] != ref[k]]
+        if keys:
+            raise StoreError(
+                f"{store}: made with {', '.join(f'{k} {made[k]!r}' for k in keys)}, but {ref_store} with "
+                f"{', '.join(f'{k} {ref[k]!r}' for k in keys)}; the stores of one training set or evaluation must "
+                "come from one extraction (same encoder, checkpoint, transform and patch size): re-extract the odd "
+                "ones or keep them in another folder")
+
+
 # --------------------------------------------------------------------------------------------------
 # Integrity: row counts and per-block checksums, recorded when written, checked when read
 # --------------------------------------------------------------------------------------------------

@@ -69,13 +69,16 @@ def build_question(item: BenchItem, settings: EvalSettings) -> str:
 # ------------------------------------------------------------------------------------------ feature stores
 
 
-def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None):
-    """Features of one store as a float tensor (N, D) on `device`."""
+def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None, feature_dim: int | None = None):
+    """Features of one store as a float tensor (N, D) on `device`; `feature_dim`: the D the model takes."""
     import torch
 
-    from preprocessing.stores import load_features
+    from preprocessing.stores import StoreError, load_features
 
     fs = load_features(store)
+    if feature_dim is not None and fs.dim != feature_dim:
+        raise StoreError(f"{store}: {fs.dim}-d features (encoder {fs.attrs.get('encoder', 'not recorded')}), but the "
+                         f"model takes {feature_dim}-d ones; extract the slide with the encoder the model was trained on")
     t = torch.from_numpy(fs.features)
     return t.to(device=device, dtype=dtype or torch.float32)
 
@@ -149,7 +152,10 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
     """
     import torch
 
+    from preprocessing.stores import SameFeatures, read_store_attrs
+
     device, dtype = model_device_dtype(model)
+    same = SameFeatures()  # one evaluation: features of one extraction
     by_slide: OrderedDict[str, list[BenchItem]] = OrderedDict()
     for it in bench.items:
         by_slide.setdefault(it.slide_id, []).append(it)
@@ -168,7 +174,9 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
             continue
         store = finder.find(slide_id)
         t0 = time.perf_counter()
-        feats = load_slide_tensor(store, device, dtype) if store is not None else None
+        if store is not None:
+            same.add(store, read_store_attrs(store))
+        feats = load_slide_tensor(store, device, dtype, model.config.feature_dim) if store is not None else None
         t1 = time.perf_counter()
         if feats is None or feats.shape[0] == 0:
             status = "no_features" if feats is None else "no_patches"

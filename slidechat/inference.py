@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from slidechat.template import IMAGE_TOKEN
+from wsicore.errors import InputError
 from wsicore.files import write_json
 
 DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
@@ -134,8 +135,8 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
                             seg_dir=seg_dir)
     xy, attrs = load_coords(coords)
     if len(xy) == 0:
-        raise RuntimeError(f"slide {slide.name}: no tissue patches found (status {attrs.get('status')!r}); "
-                           "nothing to ask about")
+        raise InputError(f"slide {slide}: no tissue patches found (status {attrs.get('status')!r}); "
+                         "nothing to ask about")
     feat_dir = cache / f"features-{settings.encoder.replace(':', '_')}-{tile_dir.name.removeprefix('tiles-')}"
     log(f"features ({settings.encoder}, {len(xy)} patches) ...")
     return extract_slide(slide, coords, feat_dir, encoder=settings.encoder, checkpoint=settings.encoder_checkpoint,
@@ -192,7 +193,10 @@ def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
     model = load_model_on(a.checkpoint, a.llm, a.device, a.dtype)
     device, dtype = model_device_dtype(model)
-    return model, load_slide_tensor(store, device, dtype)
+    feats = load_slide_tensor(store, device, dtype, model.config.feature_dim)
+    if feats.shape[0] == 0:
+        raise InputError(f"{store}: holds no patches (a slide without tissue); nothing to ask about")
+    return model, feats
 
 
 def _first_turn(question: str) -> str:

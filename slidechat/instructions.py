@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from preprocessing.stores import FeatureStoreIndex, StoreError, count_patches, read_slide_map, slide_key
+from preprocessing.stores import (FeatureStoreIndex, SameFeatures, StoreError, count_patches, read_slide_map,
+                                  read_store_attrs, slide_key)
 from slidechat.benchmarks_io import benchmark_slide_ids
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
@@ -154,7 +155,8 @@ def assemble(
 ) -> AssemblyReport:
     """Validate records, attach `slide_id` and `features` (store path) to each kept one; never raises per record.
 
-    Every store a record needs is checked once; damaged ones are listed in `damaged_stores`.
+    Every store a record needs is checked once; damaged ones are listed in `damaged_stores`. Stores made
+    differently (another encoder, checkpoint, transform or patch size) stop the assembly (`StoreError`).
     """
     leak = {leak_key(s, leakage_level) for s in (benchmark_ids or set())}
     report = AssemblyReport(n_input=len(records))
@@ -179,6 +181,9 @@ def assemble(
             found.append((rid, image, slide_id, store, rec))
     n_patches, damaged = _check_stores(store for *_, store, _ in found)
     report.damaged_stores = [{"store": str(p), "error": err} for p, err in damaged.items()]
+    same = SameFeatures()  # one training set: features of one extraction
+    for p in sorted(n_patches):
+        same.add(p, read_store_attrs(p))
     for rid, image, slide_id, store, rec in found:
         if store in damaged:
             continue

@@ -159,11 +159,12 @@ class InstructionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[dict], tokenizer: Any, features_dir: str | None = None,
-                 max_length: int | None = None, cache_bytes: int = 1 << 30) -> None:
+                 max_length: int | None = None, cache_bytes: int = 1 << 30, feature_dim: int | None = None) -> None:
         self.records = records
         self.tokenizer = tokenizer
         self.features_dir = Path(features_dir) if features_dir else None
         self.max_length = max_length
+        self.feature_dim = feature_dim  # the model's: a store of another width is refused, naming it
         self._index: Any = None  # preprocessing.stores.FeatureStoreIndex, built on first use
         # Records repeat slides (many questions per slide): keep the last slides' features in memory, up to
         # cache_bytes (a 40k-patch slide of 512-d features is 80 MB).
@@ -195,13 +196,19 @@ class InstructionDataset(torch.utils.data.Dataset):
                          f"{self.features_dir or 'the record'}; run build-instructions against --features-dir")
 
     def load_features(self, rec: dict) -> torch.Tensor:
-        from preprocessing.stores import load_features
+        from preprocessing.stores import StoreError, load_features
 
         path = self.store_path(rec)
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        x = torch.from_numpy(np.ascontiguousarray(load_features(path).features, np.float32))
+        fs = load_features(path)
+        if len(fs) == 0 or (self.feature_dim is not None and fs.dim != self.feature_dim):
+            why = (f"{fs.dim}-d features, but the model takes {self.feature_dim}-d ones" if len(fs) else
+                   "no patches (a slide without tissue)")
+            raise StoreError(f"{path}: {why} (record {rec.get('id')}); build the training JSON with "
+                             "`slidechat build-instructions` against one extraction's stores (it skips empty ones)")
+        x = torch.from_numpy(np.ascontiguousarray(fs.features, np.float32))
         self._cache[path] = x
         while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
             self._cache.popitem(last=False)
@@ -644,7 +651,8 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.max_patches = model.config.max_patches_train
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length)
+    data = InstructionDataset.from_json(cfg.data, tokenizer, features_dir=cfg.features_dir, max_length=cfg.max_length,
+                                        feature_dim=model.config.feature_dim)
     if len(data) == 0:
         raise ValueError(f"{cfg.data} holds no training records")
     pad = epoch_padding(len(data), cfg.batch_size, world)

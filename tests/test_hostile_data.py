@@ -70,3 +70,116 @@ def test_slidechat_csv_with_a_patch_listed_twice_is_refused(tmp_path):
         load_features(f)
     f.write_text("0,1\n1,2\n1,2\n")  # without patch names there are no coordinates to compare
     assert len(load_features(f)) == 2
+
+
+# ----------------------------------------------------------------------------- stores of another encoder
+
+
+def _records(tmp_path: Path, slides: list[str]) -> Path:
+    records = [{"id": f"r{i}", "image": [f"{s}.zarr"], "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Glands."}]}
+        for i, s in enumerate(slides)]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_build_instructions_refuses_a_features_dir_mixing_encoders(tmp_path):
+    from slidechat.instructions import build_instructions
+
+    feats = tmp_path / "features"
+    _store(feats / "S1.zarr", encoder="conch_v1", patch_size=224, target_mpp=0.5)
+    _store(feats / "S2.zarr", encoder="conch_v1", patch_size=224, target_mpp=0.5)
+    _store(feats / "S3.zarr", encoder="uni_v1", patch_size=224, target_mpp=0.5)  # copied in from another run
+    records = _records(tmp_path, ["S1", "S2", "S3"])
+    with pytest.raises(StoreError, match=r"S3\.zarr.*encoder 'uni_v1'.*S1\.zarr.*'conch_v1'"):
+        build_instructions(records, feats, tmp_path / "train.json")
+    (feats / "S3.zarr").rename(tmp_path / "S3.zarr")
+    _store(feats / "S3.zarr", encoder="conch_v1", patch_size=256, target_mpp=0.5)  # same encoder, other patches
+    with pytest.raises(StoreError, match=r"patch_size 256"):
+        build_instructions(records, feats, tmp_path / "train.json")
+    import shutil
+
+    shutil.rmtree(feats / "S3.zarr")
+    _store(feats / "S3.zarr", encoder="conch_v1", patch_size=224, target_mpp=0.5)
+    assert build_instructions(records, feats, tmp_path / "train.json")["counts"]["kept"] == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_llm):
+    import torch
+
+    from slidechat.checkpoint import new_model, save_model
+    from slidechat.model import SlideChatConfig
+
+    torch.manual_seed(0)
+    cfg = SlideChatConfig(feature_dim=8, encoder_layers=1, encoder_ffn_dim=16, encoder_heads=2,
+                          segment_lengths=[16, 32], dilated_ratios=[1, 2])
+    return save_model(new_model(tiny_llm, cfg), tmp_path_factory.mktemp("m") / "model")
+
+
+def _bench(tmp_path: Path, slides: list[str]) -> Path:
+    import csv
+
+    from slidechat.benchmarks_io import TCGA_COLUMNS
+
+    path = tmp_path / "bench.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(TCGA_COLUMNS)
+        for i, s in enumerate(slides):
+            w.writerow([i, s, "DEMO", "Diagnosis", "Tissue", f"Q{i}?", "a", "b", "c", "d", "A"])
+    return path
+
+
+def test_evaluate_refuses_stores_of_another_encoder_or_width(tiny_model, tmp_path, capsys):
+    from slidechat.cli import main as cli
+
+    feats = tmp_path / "features"
+    _store(feats / "S1.zarr", encoder="conch_v1")
+    _store(feats / "S2.zarr", encoder="uni_v1")
+    bench = _bench(tmp_path, ["S1", "S2"])
+    argv = ["evaluate", "--benchmark", str(bench), "--model", str(tiny_model), "--max-new-tokens", "2",
+            "--device", "cpu"]
+    assert cli(argv + ["--features-dir", str(feats), "--out-dir", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "S2.zarr" in err and "'uni_v1'" in err and "'conch_v1'" in err
+    wide = tmp_path / "wide"
+    _store(wide / "S1.zarr", dim=16, encoder="conch_v1")  # 16-d features for a model of 8-d ones
+    assert cli(argv + ["--features-dir", str(wide), "--out-dir", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{wide / 'S1.zarr'}: 16-d features" in err and "8-d" in err
+
+
+def test_training_data_naming_an_empty_or_wrong_width_store_fails_naming_it(tiny_llm, tmp_path):
+    from transformers import AutoTokenizer
+
+    from slidechat.train import InstructionDataset
+
+    empty = write_zarr_store(tmp_path / "EMPTY.zarr", np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64), None,
+                             {"slide_id": "EMPTY"})
+    wide = _store(tmp_path / "WIDE.zarr", dim=16)
+    good = _store(tmp_path / "GOOD.zarr", dim=8)
+    turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Glands."}]
+    records = [{"id": s.stem, "image": [s.name], "slide_id": s.stem, "features": str(s), "conversations": turns}
+               for s in (good, empty, wide)]
+    data = InstructionDataset(records, AutoTokenizer.from_pretrained(tiny_llm), feature_dim=8)
+    assert data[0]["features"].shape == (50, 8)
+    with pytest.raises(StoreError, match=rf"{empty}: .*no patches.*record EMPTY"):
+        data[1]
+    with pytest.raises(StoreError, match=rf"{wide}: 16-d features.*8-d"):
+        data[2]
+
+
+def test_ask_on_a_slide_without_tissue_is_a_clear_error(tiny_model, cmu_crop_16, tmp_path, capsys):
+    from slidechat.cli import main as cli
+
+    empty = write_zarr_store(tmp_path / "EMPTY.zarr", np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64), None,
+                             {"slide_id": "EMPTY"})
+    argv = ["ask", "--slide", str(cmu_crop_16), "--question", "What is shown?", "--checkpoint", str(tiny_model),
+            "--encoder", "conch_tiny", "--work-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    for extra in ([], ["--features", str(empty)]):
+        capsys.readouterr()
+        assert cli(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("no tissue patches" in err or f"{empty}: holds no patches" in err), err
