@@ -123,12 +123,13 @@ def normalize_answer(value: Any, labels: Iterable[str] = LETTERS) -> str | None:
 
 
 def _id_string(value: Any, default: str) -> str:
-    """Question id as a string; ``17.0`` (a pandas float) and ``17`` are the same id."""
+    """Question id as a string; ``17.0`` (a pandas float), ``017`` (a spreadsheet drops the zero) and ``17`` are
+    the same id."""
     s = _clean(value)
     if s is None:
         return default
-    if re.fullmatch(r"-?\d+\.0+", s):
-        s = s.split(".")[0]
+    if re.fullmatch(r"-?\d+(\.0+)?", s):
+        s = str(int(s.split(".")[0]))
     return s
 
 
@@ -453,6 +454,11 @@ def match_output_rows(bench: Benchmark, rows: list[dict[str, str]], path: str = 
             qid = _id_string(r.get("ID"), "")
             if qid in result:
                 result[qid] = r
+        if result and not any(result.values()):  # not a partial run: answers to other questions
+            shown = ", ".join(sorted(counts)[:5]) + (" ..." if len(counts) > 5 else "")
+            raise BenchmarkFormatError(f"{path}: none of its {len(counts)} question IDs ({shown}) is a question of "
+                                       f"{bench.path or bench.name}; are these the outputs of another benchmark (or "
+                                       "of one WSI-Bench file scored against the folder)?")
         return result
     if len(rows) != len(bench.items):
         raise BenchmarkFormatError(

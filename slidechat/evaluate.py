@@ -77,8 +77,9 @@ def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None, featu
 
     fs = load_features(store)
     if feature_dim is not None and fs.dim != feature_dim:
-        raise StoreError(f"{store}: {fs.dim}-d features (encoder {fs.attrs.get('encoder', 'not recorded')}), but the "
-                         f"model takes {feature_dim}-d ones; extract the slide with the encoder the model was trained on")
+        raise StoreError(f"{store}: {fs.dim}-d features (encoder {fs.attrs.get('encoder', 'not recorded')}), but "
+                         f"the model takes {feature_dim}-d ones; extract the slide with the encoder the model was "
+                         "trained on")
     t = torch.from_numpy(fs.features)
     return t.to(device=device, dtype=dtype or torch.float32)
 

@@ -183,3 +183,43 @@ def test_ask_on_a_slide_without_tissue_is_a_clear_error(tiny_model, cmu_crop_16,
         assert cli(argv + extra) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and ("no tissue patches" in err or f"{empty}: holds no patches" in err), err
+
+
+# ----------------------------------------------------------------------------- outputs and ids
+
+
+def _bench_ids(tmp_path: Path, ids: list[str]) -> Path:
+    import csv
+
+    from slidechat.benchmarks_io import TCGA_COLUMNS
+
+    path = tmp_path / "bench.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(TCGA_COLUMNS)
+        for i, q in enumerate(ids):
+            w.writerow([q, f"S{i}", "DEMO", "Diagnosis", "Tissue", f"Q{i}?", "a", "b", "c", "d", "A"])
+    return path
+
+
+def test_outputs_whose_ids_lost_leading_zeros_still_match(tmp_path, capsys):
+    from slidechat.cli import main as cli
+
+    bench = _bench_ids(tmp_path, ["001", "002", "010"])
+    (tmp_path / "o.csv").write_text("ID,Output\n1,A\n2,B\n10, A\n")  # saved again by a spreadsheet
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
+                "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["n_answered"], m["correct"], m["n_missing_output"]) == (3, 2, 0)
+
+
+def test_outputs_of_another_benchmark_are_an_error_not_zero_accuracy(tmp_path, capsys):
+    from slidechat.cli import main as cli
+
+    bench = _bench_ids(tmp_path, ["q1", "q2", "q3"])
+    (tmp_path / "o.csv").write_text("ID,Output\nBRCA:1,A\nBRCA:2,B\n")
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
+                "--out", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'o.csv'}: none of its 2 question IDs" in err and "BRCA:1" in err
+    assert not (tmp_path / "m.json").exists()
