@@ -92,6 +92,13 @@ def normalize_slide_id(name: str) -> str:
     return base
 
 
+def tcga_barcode(name: str) -> str | None:
+    """The TCGA slide barcode a name starts with (upper case), whatever follows it (`_features`, ` (1)`, a
+    uuid); None for other names. The leakage guard compares these, so a suffix cannot hide a slide."""
+    m = _TCGA_SLIDE.match(os.path.basename(str(name).strip().rstrip("/")))
+    return m.group(1).upper() if m else None
+
+
 def slide_key(name: str) -> str:
     """How slide ids are compared everywhere (store index, slide maps, leakage guard): the normalised id,
     ignoring case, so `tcga-cr-7395-01a-01-ts1.zarr` is the store of slide `TCGA-CR-7395-01A-01-TS1`."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from preprocessing.stores import (FeatureStoreIndex, SameFeatures, StoreError, count_patches, read_slide_map,
-                                  read_store_attrs, slide_key)
+                                  read_store_attrs, slide_key, tcga_barcode)
 from slidechat.benchmarks_io import benchmark_slide_ids
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
@@ -53,11 +53,13 @@ class InstructionSettings:
 
 
 def leak_key(slide_id: str, level: str = "slide") -> str:
-    """Key compared by the leakage guard: the slide key, or for `level="case"` the TCGA patient (first 12 chars)."""
+    """Key compared by the leakage guard: the slide key (for a TCGA slide its barcode, whatever follows it), or
+    for `level="case"` the TCGA patient (first 12 chars)."""
     key = slide_key(slide_id)
     if level == "case" and re.match(r"tcga-[a-z0-9]{2}-[a-z0-9]{4}", key):
         return key[:12]
-    return key
+    barcode = tcga_barcode(key)
+    return barcode.casefold() if barcode else key
 
 
 def validate_record(rec: Any) -> str | None:

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from preprocessing.stores import slide_key
 from slidechat.benchmarks_io import (
     Benchmark,
     BenchItem,
@@ -31,6 +30,7 @@ from slidechat.benchmarks_io import (
     read_outputs_csv,
     skipped_in_outputs,
 )
+from slidechat.instructions import leak_key
 from wsicore.files import write_json
 
 # ------------------------------------------------------------------------------------- letter extractor
@@ -365,14 +365,14 @@ def training_slide_ids(path: str | os.PathLike) -> set[str]:
 
 
 def leakage_check(bench: Benchmark, train_manifests: Iterable[str | os.PathLike]) -> dict[str, Any]:
-    """Evaluation slides that also appear in training data (ids compared by `slide_key`; a warning is
-    printed by the callers)."""
+    """Evaluation slides that also appear in training data (ids compared as the leakage guard compares them,
+    `instructions.leak_key`; a warning is printed by the callers)."""
     manifests = [str(p) for p in train_manifests]
     train: set[str] = set()
     for p in manifests:
-        train |= {slide_key(s) for s in training_slide_ids(p)}
+        train |= {leak_key(s) for s in training_slide_ids(p)}
     eval_ids = set(bench.slide_ids())
-    overlap = sorted(s for s in eval_ids if slide_key(s) in train)
+    overlap = sorted(s for s in eval_ids if leak_key(s) in train)
     return {"checked": bool(manifests), "train_manifests": manifests, "n_eval_slides": len(eval_ids),
             "n_overlap": len(overlap), "slides": overlap,
             "n_questions_on_overlap": sum(it.slide_id in set(overlap) for it in bench.items)}

@@ -223,3 +223,26 @@ def test_outputs_of_another_benchmark_are_an_error_not_zero_accuracy(tmp_path, c
     err = capsys.readouterr().err
     assert f"{tmp_path / 'o.csv'}: none of its 2 question IDs" in err and "BRCA:1" in err
     assert not (tmp_path / "m.json").exists()
+
+
+# ----------------------------------------------------------------------------- leakage guard
+
+
+def test_leakage_guard_sees_a_tcga_barcode_behind_a_suffix(tmp_path):
+    from slidechat.instructions import build_instructions
+    from slidechat.scoring import leakage_check
+    from slidechat.benchmarks_io import load_benchmark
+
+    barcode = "TCGA-A7-A0CJ-01Z-00-DX2"
+    feats = tmp_path / "features"
+    names = [f"{barcode}_features", f"{barcode.lower()}-copy", "TCGA-AR-A255-01Z-00-DX1"]
+    for n in names:
+        _store(feats / f"{n}.zarr", encoder="conch_v1")
+    bench = _bench_ids(tmp_path, ["1"])
+    bench.write_text(bench.read_text().replace("S0", barcode))
+    m = build_instructions(_records(tmp_path, names), feats, tmp_path / "train.json", exclude_benchmarks=[bench])
+    assert m["counts"]["kept"] == 1 and m["counts"]["leakage_removed"] == 2
+    # the evaluation's check sees the same through a training JSON that kept such a name
+    train = tmp_path / "old-train.json"
+    train.write_text(json.dumps([{"slide_id": f"{barcode}_features", "image": [f"{barcode}_features.zarr"]}]))
+    assert leakage_check(load_benchmark(bench), [train])["slides"] == [barcode]
