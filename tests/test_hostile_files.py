@@ -201,3 +201,42 @@ def test_an_output_path_that_names_a_users_folder_is_refused_not_emptied(tiny_ll
                           "--work-dir", str(tmp_path / "work")]) == 2
     assert f"{folder}: exists and is not" in capsys.readouterr().err
     assert (folder / "older" / "notes.txt").read_text() == "keep me" and not (tmp_path / "work").exists()
+
+
+# ----------------------------------------------------------------------------- legacy-format storages
+
+
+def _legacy_parts(obj) -> tuple[bytes, bytes, bytes]:
+    """A legacy-format torch file of `obj` as (first three pickles, object pickle, storage keys and data)."""
+    import pickletools
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    raw, ends = buf.getvalue(), []
+    buf.seek(0)
+    for _ in range(4):
+        for _op in pickletools.genops(buf):
+            pass
+        ends.append(buf.tell())
+    return raw[:ends[2]], raw[ends[2]:ends[3]], raw[ends[3]:]
+
+
+def test_legacy_storage_larger_than_the_file_is_refused(tmp_path):
+    head, obj, rest = _legacy_parts({"w": torch.arange(6.0)})
+    n = 200_000_000  # the storage and the tensor claim 800 MB; the file holds 24 bytes of data
+    lie = obj.replace(b"K\x06N", b"J" + n.to_bytes(4, "little") + b"N").replace(
+        b"K\x00K\x06\x85", b"K\x00J" + n.to_bytes(4, "little") + b"\x85")
+    f = tmp_path / "lie.pt"
+    f.write_bytes(head + lie + b"\x80\x02]q\x00.")  # and lists no storage to read
+    with pytest.raises(InputError, match=rf"{f}: .*storages of 800,000,000 bytes.*file of {f.stat().st_size} bytes"):
+        read_torch_file(f)
+
+
+def test_legacy_storage_the_file_does_not_fill_holds_zeros_not_process_memory(tmp_path):
+    head, obj, _rest = _legacy_parts({"w": torch.arange(6.0)})
+    f = tmp_path / "unfilled.pt"
+    f.write_bytes(head + obj + b"\x80\x02]q\x00." + b"\x00" * 32)  # no storage key listed: never read
+    for _ in range(20):  # small storages come from reused heap memory, which holds whatever was there
+        noise = [torch.full((6,), 1e6) for _ in range(100)]
+        del noise
+        assert not read_torch_file(f)["w"].any()

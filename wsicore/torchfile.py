@@ -148,7 +148,10 @@ def read_torch_file(path: str | os.PathLike, *, stubs: bool = True,
     zip_format = _is_torch_zip(path)
     try:
         with torch.serialization.safe_globals(register):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+            obj = torch.load(path, map_location="cpu" if zip_format else _legacy_storages(path), weights_only=True,
+                             mmap=zip_format)
+    except InputError:
+        raise
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(f"{path}: refused by the weights-only unpickler: {_torch_reason(exc)}") from exc
     except Exception as exc:  # anything else is a damaged or foreign file, not a bug of ours
@@ -156,6 +159,25 @@ def read_torch_file(path: str | os.PathLike, *, stubs: bool = True,
     if stubbed:
         log.info("%s: kept %d framework object type(s) as inert stubs: %s", path, len(stubbed), ", ".join(stubbed))
     return obj
+
+
+def _legacy_storages(path: Path) -> Callable[[Any, str], Any]:
+    """`map_location` for a legacy-format file, called with each storage torch allocates at the size the
+    pickle claims, before the file's bytes are read into it: storages larger than the whole file are refused
+    (the claim is a lie: a few bytes would reserve gigabytes), and each is zeroed, so a storage the file does
+    not fill holds zeros, not whatever this process's memory held."""
+    size = path.stat().st_size
+    claimed = 0
+
+    def check(storage: Any, location: str) -> Any:
+        nonlocal claimed
+        claimed += storage.nbytes()
+        if claimed > size:
+            raise InputError(f"{path}: its pickle claims storages of {claimed:,} bytes or more in a file of {size} "
+                             "bytes (damaged or forged); not read")
+        return storage.fill_(0)
+
+    return check
 
 
 def _not_a_torch_file(path: Path, exc: BaseException) -> InputError:
