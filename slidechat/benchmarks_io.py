@@ -328,13 +328,28 @@ def load_benchmark(path: str | os.PathLike, caption_prompt: str = DEFAULT_CAPTIO
     """Read any supported benchmark file (or WSI-Bench folder), detecting the format from its content.
 
     Question ids must be unique: answers are matched to questions by id."""
-    bench = _read_benchmark(Path(path), caption_prompt)
+    try:
+        bench = _read_benchmark(Path(path), caption_prompt)
+    except BenchmarkFormatError:
+        raise
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from exc
     counts = Counter(it.qid for it in bench.items)
     dup = sorted(q for q, c in counts.items() if c > 1)
     if dup:
         raise BenchmarkFormatError(f"{path}: question id(s) {', '.join(dup[:10])}{' ...' if len(dup) > 10 else ''} "
                                    "appear more than once; answers are matched by id, so each must be unique")
     return bench
+
+
+# What a file of the wrong kind raises while parsed: cut or invalid JSON, bytes that are not text, JSON of
+# another shape, nesting deeper than the parser goes.
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
+
+
+def _unreadable(path: str | os.PathLike, exc: BaseException) -> BenchmarkFormatError:
+    return BenchmarkFormatError(f"{path}: cannot be read as a benchmark or slide list "
+                                f"({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
@@ -346,6 +361,19 @@ def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
         return set(load_benchmark(path).slide_ids())
     except BenchmarkFormatError:
         pass
+    try:
+        ids = _listed_slide_ids(path)
+    except BenchmarkFormatError:
+        raise
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from exc
+    if not ids:  # a guard that excludes nothing must not pass for one that worked
+        raise BenchmarkFormatError(f"{path}: names no slide (no benchmark format, no slide column, no records with "
+                                   "slide_id or image); the leakage guard cannot use it")
+    return ids
+
+
+def _listed_slide_ids(path: Path) -> set[str]:
     ids: set[str] = set()
     if path.suffix.lower() == ".csv":
         fields, rows = _read_csv_rows(path)

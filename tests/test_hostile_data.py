@@ -246,3 +246,31 @@ def test_leakage_guard_sees_a_tcga_barcode_behind_a_suffix(tmp_path):
     train = tmp_path / "old-train.json"
     train.write_text(json.dumps([{"slide_id": f"{barcode}_features", "image": [f"{barcode}_features.zarr"]}]))
     assert leakage_check(load_benchmark(bench), [train])["slides"] == [barcode]
+
+
+@pytest.mark.parametrize("content", [b'{"samples": [', b"\xff\xfe\x00 not text", b'{"samples": 5}', b"[1, 2]",
+                                     b'{"samples": [{"slide_id": "S1", "question": "q", "choices": 3, "answer": "A"}]}',
+                                     b"[" * 100_000 + b"]" * 100_000], ids=["cut", "binary", "shape", "list",
+                                                                             "choices", "deep"])
+def test_unreadable_benchmark_files_are_one_line_errors(tmp_path, capsys, content):
+    from slidechat.cli import main as cli
+    from slidechat.instructions import build_instructions
+
+    suffix = ".csv" if content.startswith(b"\xff") else ".json"
+    bench = tmp_path / f"bench{suffix}"
+    bench.write_bytes(content)
+    (tmp_path / "o.csv").write_text("ID,Output\n1,A\n")
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
+                "--out", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(bench) in err, err
+    _store(tmp_path / "f" / "S1.zarr")
+    from wsicore.errors import InputError
+
+    if content.startswith(b'{"samples": [{'):  # its slide ids can still be read: the guard uses them
+        with pytest.raises(InputError, match="removed by the leakage guard"):
+            build_instructions(_records(tmp_path, ["S1"]), tmp_path / "f", tmp_path / "t.json",
+                               exclude_benchmarks=[bench])
+        return
+    with pytest.raises(InputError, match=str(bench)):  # a leakage-guard input that names no slide is an error
+        build_instructions(_records(tmp_path, ["S1"]), tmp_path / "f", tmp_path / "t.json", exclude_benchmarks=[bench])
