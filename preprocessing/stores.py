@@ -24,6 +24,7 @@ SlideChat CSV) carry no such record: their shapes, row counts and finiteness are
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -121,11 +122,16 @@ def read_slide_map(path: str | Path) -> dict[str, SlideMapEntry]:
     column: the slide id the name stands for, e.g. a sample sheet's id) and `features` (or `path`, `store`:
     the feature store; a relative path is relative to the CSV's folder).
     """
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"slide map not found: {path} (option --slide-map)")
+    try:
+        return _read_slide_map(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise StoreError(f"{path}: not a UTF-8 CSV slide map ({exc}); save it as CSV UTF-8") from exc
+
+
+def _read_slide_map(path: Path) -> dict[str, SlideMapEntry]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = {f.strip().lower(): f for f in (reader.fieldnames or []) if f}
@@ -416,13 +422,16 @@ def read_store_attrs(path: str | Path) -> dict:
     """Attributes of a store without reading its arrays."""
     p = Path(path)
     kind = store_kind(p)
-    if kind == "zarr":
-        import zarr
+    try:
+        if kind == "zarr":
+            import zarr
 
-        return dict(zarr.open_group(str(p), mode="r").attrs)
-    if kind == "h5":
-        with h5py.File(p, "r") as f:
-            return _h5_root_attrs(f)
+            return dict(zarr.open_group(str(p), mode="r").attrs)
+        if kind == "h5":
+            with h5py.File(p, "r") as f:
+                return _h5_root_attrs(f)
+    except (OSError, ValueError, KeyError) as exc:  # zarr's "no group found" is both
+        raise StoreError(f"{p}: not a readable feature store ({type(exc).__name__}: {exc})") from exc
     return {}
 
 

@@ -134,10 +134,13 @@ def _id_string(value: Any, default: str) -> str:
 
 
 def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f for f in (reader.fieldnames or [])]
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f for f in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise BenchmarkFormatError(f"{path}: not a UTF-8 CSV file ({exc}); save it as CSV UTF-8") from exc
     return fields, rows
 
 

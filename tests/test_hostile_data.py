@@ -274,3 +274,24 @@ def test_unreadable_benchmark_files_are_one_line_errors(tmp_path, capsys, conten
         return
     with pytest.raises(InputError, match=str(bench)):  # a leakage-guard input that names no slide is an error
         build_instructions(_records(tmp_path, ["S1"]), tmp_path / "f", tmp_path / "t.json", exclude_benchmarks=[bench])
+
+
+def test_unreadable_store_folder_slide_map_and_outputs_are_one_line_errors(tiny_model, tmp_path, capsys):
+    from slidechat.cli import main as cli
+
+    feats = tmp_path / "features"
+    (feats / "S1.zarr").mkdir(parents=True)  # a store folder whose files are gone (a failed copy)
+    bench = _bench(tmp_path, ["S1"])
+    argv = ["evaluate", "--benchmark", str(bench), "--model", str(tiny_model), "--out-dir", str(tmp_path / "e"),
+            "--max-new-tokens", "2", "--device", "cpu"]
+    assert cli(argv + ["--features-dir", str(feats)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(feats / "S1.zarr") in err, err
+    binary = tmp_path / "map.csv"
+    binary.write_bytes(b"\xff\xfeslide,features\n")  # UTF-16 from a spreadsheet's "save as"
+    assert cli(argv + ["--features-dir", str(tmp_path), "--slide-map", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(binary) in err, err
+    assert cli(["score", "--benchmark", str(bench), "--outputs", str(binary), "--out", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(binary) in err, err
