@@ -240,3 +240,16 @@ def test_legacy_storage_the_file_does_not_fill_holds_zeros_not_process_memory(tm
         noise = [torch.full((6,), 1e6) for _ in range(100)]
         del noise
         assert not read_torch_file(f)["w"].any()
+
+
+# ----------------------------------------------------------------------------- encoder names
+
+
+@pytest.mark.parametrize("name", ["timm:hf-hub:timm/resnet18.a1_in1k", "timm:local-dir:/tmp/some-model",
+                                  "timm:no_such_model", "conch_v9"])
+def test_encoder_names_that_would_download_or_do_not_exist_are_config_errors(name):
+    from preprocessing.encoders import build_encoder
+    from wsicore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=name.removeprefix("timm:").split("/")[0]):
+        build_encoder(name, allow_random=True)  # at once: no request to the hub is even tried

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from wsicore.errors import InputError
+from wsicore.errors import ConfigError, InputError
 from wsicore.files import sha256_file, write_json
 
 from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
@@ -34,6 +34,10 @@ CHECKPOINT_CONFIG_KEY = "features.checkpoint"
 
 class EncoderCheckpointError(InputError, ValueError):
     """A checkpoint that is missing, unreadable, or does not match the encoder's architecture."""
+
+
+class UnknownEncoderError(ConfigError, ValueError):
+    """An encoder or timm model name that does not exist here (or would have to be downloaded)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +216,8 @@ def build_encoder(
         spec = get_transform(transform) if transform is not None else default_spec
     else:
         if name not in ENCODERS:
-            raise ValueError(f"unknown encoder {name!r}; choose one of {available_encoders()} (option --encoder)")
+            raise UnknownEncoderError(f"unknown encoder {name!r}; choose one of {available_encoders()} "
+                                      "(option --encoder)")
         entry = ENCODERS[name]
         if ckpt is None and entry.needs_checkpoint and not allow_random:
             raise EncoderCheckpointError(

@@ -47,10 +47,16 @@ class TimmPooled(nn.Module):
 
     def __init__(self, model_name: str) -> None:
         super().__init__()
+        from . import UnknownEncoderError
+
+        if ":" in model_name or "/" in model_name:  # hf-hub:..., local-dir:...: timm would fetch or read a config
+            raise UnknownEncoderError(f"encoder `timm:{model_name}`: only timm's own architectures are built by name "
+                                      "(e.g. timm:vit_base_patch16_224); hub and folder references are refused, as "
+                                      "nothing is downloaded at run time. Pass the weights with --checkpoint")
         try:
             self.net = timm.create_model(model_name, pretrained=False, num_classes=0)
         except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
-            raise ValueError(f"timm has no model {model_name!r} (encoder `timm:{model_name}`): {exc}") from exc
+            raise UnknownEncoderError(f"timm has no model {model_name!r} (encoder `timm:{model_name}`): {exc}") from exc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
