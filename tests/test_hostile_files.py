@@ -253,3 +253,19 @@ def test_encoder_names_that_would_download_or_do_not_exist_are_config_errors(nam
 
     with pytest.raises(ConfigError, match=name.removeprefix("timm:").split("/")[0]):
         build_encoder(name, allow_random=True)  # at once: no request to the hub is even tried
+
+
+def test_conch_position_grid_of_an_absurd_size_is_refused_not_resampled(tmp_path):
+    from safetensors.torch import save_file
+
+    from preprocessing.encoders import build_encoder
+
+    state = {f"visual.{k}": v.contiguous() for k, v in build_encoder("conch_tiny").model.state_dict().items()}
+    dim = state["visual.trunk.pos_embed"].shape[-1]
+    for n, why in ((1 + 4096 ** 2, "4096 x 4096"), (1 + 7, "7 positions")):
+        # a grid of 16.7 million positions (stride 0: a few bytes) would be interpolated into gigabytes
+        state["visual.trunk.pos_embed"] = torch.zeros(1, 1, dim).expand(1, n, dim)
+        f = tmp_path / "conch.pt"
+        torch.save(state, f)
+        with pytest.raises(InputError, match=rf"{f}.*trunk\.pos_embed.*{why}"):
+            build_encoder("conch_tiny", checkpoint=f)
