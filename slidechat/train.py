@@ -432,20 +432,36 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, optimizer: torc
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     """Resume model, optimizer, scheduler and RNG from checkpoint-<step>; every file read as data only."""
     weights = read_torch_file(path / "trainable.pt", stubs=False)
+    if not isinstance(weights, dict):
+        raise TrainSetupError(f"{path / 'trainable.pt'}: not a dict of parameters (damaged); remove {path} to resume "
+                              "from the checkpoint before it, or the work dir to start over")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
+    unknown = [str(n) for n in weights if n not in params]
     if missing or unknown:
         raise TrainSetupError(f"checkpoint {path} does not hold this model's trainable parameters (missing e.g. "
                               f"{missing[:3]}, unknown e.g. {unknown[:3]}); was it written by a run with other "
                               "settings? Remove the work dir to start over.")
+    # copy_ would broadcast a tensor of another shape and cast another dtype: refuse what does not fit exactly
+    bad = [n for n, t in weights.items() if not isinstance(t, torch.Tensor) or t.shape != params[n].shape
+           or not t.is_floating_point() or not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainSetupError(f"{path / 'trainable.pt'}: parameter(s) {bad[:5]} are not finite floating-point tensors "
+                              f"of the model's shapes (damaged); remove {path} to resume from the checkpoint before "
+                              "it, or the work dir to start over")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
     other = read_torch_file(path / "optim.pt", stubs=False)
-    optimizer.load_state_dict(other["optimizer"])
-    scheduler.load_state_dict(other["scheduler"])
-    _set_rng_state(other["rng"], path / "optim.pt")
+    try:
+        optimizer.load_state_dict(other["optimizer"])
+        scheduler.load_state_dict(other["scheduler"])
+        rng = other["rng"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainSetupError(f"{path / 'optim.pt'}: not the optimizer state of this run ({type(e).__name__}: {e}); "
+                              f"remove {path} to resume from the checkpoint before it, or the work dir to start "
+                              "over") from e
+    _set_rng_state(rng, path / "optim.pt")
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -725,7 +741,11 @@ def resume(run: Run) -> int:
     """
     work_dir, rank = run.work_dir, run.rank
     ckpts = list_checkpoints(work_dir)
-    saved = json.loads((ckpts[-1] / "trainer_state.json").read_text()) if ckpts else None
+    try:
+        saved = json.loads((ckpts[-1] / "trainer_state.json").read_text()) if ckpts else None
+    except ValueError as e:  # a file cut by a full disk
+        raise TrainSetupError(f"{ckpts[-1] / 'trainer_state.json'}: not readable ({e}); remove {ckpts[-1]} to "
+                              "resume from the checkpoint before it") from e
     run.barrier()  # every rank has read the newest checkpoint before rank 0 moves anything
     if saved is None:
         return 0

@@ -269,3 +269,46 @@ def test_conch_position_grid_of_an_absurd_size_is_refused_not_resampled(tmp_path
         torch.save(state, f)
         with pytest.raises(InputError, match=rf"{f}.*trunk\.pos_embed.*{why}"):
             build_encoder("conch_tiny", checkpoint=f)
+
+
+# ----------------------------------------------------------------------------- training resume files
+
+
+@pytest.mark.parametrize("damage", ["scalar", "nan", "not_a_dict"])
+def test_resume_refuses_trainable_weights_that_do_not_fit_instead_of_broadcasting_them(tmp_path, damage):
+    from slidechat import train as T
+    from slidechat.train import TrainSetupError
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    ckpt = T.save_checkpoint(tmp_path, 1, *fresh(), {"fingerprint": "f"}, keep=0)
+    weights = {k: v.clone() for k, v in read_torch_file(ckpt / "trainable.pt").items()}  # not the mapped file
+    if damage == "scalar":  # copy_ would broadcast it over the whole matrix
+        weights["weight"] = torch.tensor([0.5])
+    elif damage == "nan":
+        weights["weight"] = torch.full((2, 3), float("nan"))
+    else:
+        weights = [weights["weight"]]
+    torch.save(weights, ckpt / "trainable.pt")
+    with pytest.raises(TrainSetupError, match=rf"{ckpt / 'trainable.pt'}: .*(weight|not a dict)"):
+        T.load_checkpoint(ckpt, *fresh())
+
+
+def test_resume_refuses_an_optimizer_file_of_another_shape(tmp_path):
+    from slidechat import train as T
+    from slidechat.train import TrainSetupError
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    ckpt = T.save_checkpoint(tmp_path, 1, *fresh(), {"fingerprint": "f"}, keep=0)
+    torch.save({"optimizer": [1, 2], "scheduler": {}, "rng": {}}, ckpt / "optim.pt")
+    with pytest.raises(TrainSetupError, match=rf"{ckpt / 'optim.pt'}: not the optimizer state of this run"):
+        T.load_checkpoint(ckpt, *fresh())
