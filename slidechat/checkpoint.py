@@ -251,6 +251,12 @@ def _assemble(enc: dict[str, Tensor], proj: dict[str, Tensor], llm_weights: dict
         raise InputError(f"{source}: missing key {e} in the original layout") from None
     cfg.encoder_layers = len({k.split(".")[1] for k in enc if k.startswith("layers.")})
     cfg.context = "per_patch"  # what the released weights were trained with
+    try:  # sizes read off the weights are checked as a config's are, before anything is built
+        cfg = SlideChatConfig.from_dict(cfg.to_dict())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{source}: the weights describe no SlideChat model this code builds ({e}; "
+                         f"encoder_layers {cfg.encoder_layers}, feature_dim {cfg.feature_dim}, encoder_ffn_dim "
+                         f"{cfg.encoder_ffn_dim})") from e
     base = _require_dir(llm, "Hugging Face causal LM directory (the base LLM, e.g. Qwen2.5-7B-Instruct)")
     if llm_weights:
         llm_module = _llm_from_state_dict(base, llm_weights, torch_dtype, source)

@@ -312,3 +312,34 @@ def test_resume_refuses_an_optimizer_file_of_another_shape(tmp_path):
     torch.save({"optimizer": [1, 2], "scheduler": {}, "rng": {}}, ckpt / "optim.pt")
     with pytest.raises(TrainSetupError, match=rf"{ckpt / 'optim.pt'}: not the optimizer state of this run"):
         T.load_checkpoint(ckpt, *fresh())
+
+
+# ----------------------------------------------------------------------------- model configs
+
+
+@pytest.mark.parametrize("change", [{"encoder_layers": 100_000}, {"encoder_ffn_dim": 1 << 40}, {"feature_dim": -4},
+                                    {"encoder_layers": 2.5}, {"segment_lengths": list(range(1, 100_000))}])
+def test_model_config_that_would_build_an_unbounded_model_is_refused_before_building(tiny_llm, tmp_path, change):
+    import json
+
+    from slidechat.checkpoint import load_model, new_model, save_model
+    from slidechat.model import SlideChatConfig
+
+    out = save_model(new_model(tiny_llm, SlideChatConfig(encoder_layers=1, encoder_ffn_dim=32, encoder_heads=4)),
+                     tmp_path / "model")
+    meta = json.loads((out / "slidechat_config.json").read_text())
+    meta["config"].update(change)
+    (out / "slidechat_config.json").write_text(json.dumps(meta))
+    key = next(iter(change))
+    with pytest.raises(InputError, match=rf"{out / 'slidechat_config.json'}: .*{key}"):
+        load_model(out)
+
+
+def test_released_state_dict_with_absurd_layer_count_is_refused_before_building(tiny_llm, tmp_path):
+    from slidechat.checkpoint import load_model
+
+    state = {f"LongNet_encoder.layers.{i}.ffn.fc1.weight": torch.zeros(1).expand(4, 8) for i in range(200)}
+    state["projector.model.0.weight"] = torch.zeros(4, 8)
+    torch.save({"module": state}, tmp_path / "released.pt")
+    with pytest.raises(InputError, match=r"released\.pt.*encoder_layers 200"):
+        load_model(tmp_path / "released.pt", llm=tiny_llm)
