@@ -115,12 +115,20 @@ def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        llm, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except OSError as exc:  # no config.json or no weights
         raise MissingCheckpointError(f"{path}: not a loadable Hugging Face causal LM directory ({exc})") from exc
     except ValueError as exc:  # an architecture transformers does not have (e.g. one that needs remote code)
         raise InputError(f"{path}: its model cannot be built by this transformers version, and code shipped with "
                          f"a model is never run ({exc})") from exc
+    # transformers fills weights missing from the files with random values and only logs it
+    problems = [f"{what} ({len(keys)}): {', '.join(map(str, sorted(keys)[:8]))}" for what, keys in
+                (("missing", info.get("missing_keys") or []), ("of another shape", info.get("mismatched_keys") or []))
+                if keys]
+    if problems:
+        raise InputError(f"{path}: the weight files do not fill the model its config.json describes; "
+                         + "; ".join(problems))
+    return llm
 
 
 def _require_safetensors_adapter(adapter: Path) -> Path:

@@ -343,3 +343,18 @@ def test_released_state_dict_with_absurd_layer_count_is_refused_before_building(
     torch.save({"module": state}, tmp_path / "released.pt")
     with pytest.raises(InputError, match=r"released\.pt.*encoder_layers 200"):
         load_model(tmp_path / "released.pt", llm=tiny_llm)
+
+
+def test_llm_dir_missing_some_weights_is_refused_not_filled_at_random(tiny_llm, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slidechat.checkpoint import new_model
+
+    cut = shutil.copytree(tiny_llm, tmp_path / "cut-llm")
+    weights = load_file(str(cut / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, str(cut / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"{cut}: .*missing.*model\.layers\.1\."):
+        new_model(cut)
