@@ -131,12 +131,22 @@ def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
     return llm
 
 
-def _require_safetensors_adapter(adapter: Path) -> Path:
-    """A PEFT adapter folder whose weights are safetensors (peft would unpickle adapter_model.bin itself)."""
-    if not (adapter / "adapter_model.safetensors").is_file():
+def _load_adapter(llm: nn.Module, adapter: Path) -> nn.Module:
+    """`llm` with the PEFT adapter of the folder `adapter`, strictly: its weights must be safetensors (peft
+    would unpickle adapter_model.bin itself) and fill every adapter weight (peft leaves missing ones at
+    their initial values, a LoRA B of zeros: silently the base model, with a warning)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
         raise InputError(f"{adapter}: no adapter_model.safetensors (a pickled adapter_model.bin is not read); save "
                          "the adapter with peft's save_pretrained(safe_serialization=True)")
-    return adapter
+    model = PeftModel.from_pretrained(llm, str(adapter))
+    missing = sorted(set(get_peft_model_state_dict(model)) - set(read_safetensors(weights)))
+    if missing:
+        raise InputError(f"{weights}: the adapter weights do not fill the adapter its config describes; missing "
+                         f"({len(missing)}): {', '.join(missing[:8])}")
+    return model
 
 
 def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None,
@@ -238,9 +248,7 @@ def _load_xtuner_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtyp
     model = _assemble(enc, proj, {}, llm if not has_llm else path, torch_dtype, config, str(path),
                       llm_dir_with_weights=llm_dir)
     if adapter.is_dir():
-        from peft import PeftModel
-
-        model.llm = PeftModel.from_pretrained(model.llm, str(_require_safetensors_adapter(adapter)))
+        model.llm = _load_adapter(model.llm, adapter)
         model.llm_weights_loaded = True
     return model
 
@@ -298,10 +306,7 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
         llm_module = _load_llm(base, torch_dtype)
         tok_dir = path / TOKENIZER_SUBDIR if (path / TOKENIZER_SUBDIR).is_dir() else base
         if fmt == "peft_adapter":
-            from peft import PeftModel
-
-            adapter = _require_safetensors_adapter(path / ADAPTER_SUBDIR)
-            llm_module = PeftModel.from_pretrained(llm_module, str(adapter))
+            llm_module = _load_adapter(llm_module, path / ADAPTER_SUBDIR)
         elif fmt != "base":
             raise InputError(f"{path / CONFIG_FILE}: unknown llm_format {fmt!r}")
     model = SlideChat(llm_module, _load_tokenizer(tok_dir), cfg, llm_source=meta.get("llm_source"))

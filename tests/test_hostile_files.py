@@ -358,3 +358,19 @@ def test_llm_dir_missing_some_weights_is_refused_not_filled_at_random(tiny_llm, 
               metadata={"format": "pt"})
     with pytest.raises(InputError, match=rf"{cut}: .*missing.*model\.layers\.1\."):
         new_model(cut)
+
+
+def test_peft_adapter_missing_weights_is_refused_not_left_at_zero(tiny_llm, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from slidechat.checkpoint import load_model, new_model, save_model
+    from slidechat.model import SlideChatConfig
+
+    peft = pytest.importorskip("peft")
+    model = new_model(tiny_llm, SlideChatConfig(encoder_layers=1, encoder_ffn_dim=32, encoder_heads=4))
+    model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    out = save_model(model, tmp_path / "lora")
+    f = out / "llm_adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if "lora_B" not in k}, str(f))
+    with pytest.raises(InputError, match=rf"{f}: .*missing \(2\): .*lora_B"):
+        load_model(out)
