@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from preprocessing.stores import (FeatureStoreIndex, SameFeatures, StoreError, count_patches, read_slide_map,
-                                  read_store_attrs, slide_key, tcga_barcode)
+                                  read_store_attrs, slide_id_of_store, slide_key, tcga_barcode)
 from slidechat.benchmarks_io import benchmark_slide_ids
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
@@ -184,10 +184,17 @@ def assemble(
     n_patches, damaged = _check_stores(store for *_, store, _ in found)
     report.damaged_stores = [{"store": str(p), "error": err} for p, err in damaged.items()]
     same = SameFeatures()  # one training set: features of one extraction
-    for p in sorted(n_patches):
-        same.add(p, read_store_attrs(p))
+    attrs = {p: read_store_attrs(p) for p in sorted(n_patches)}
+    for p, a in attrs.items():
+        same.add(p, a)
     for rid, image, slide_id, store, rec in found:
         if store in damaged:
+            continue
+        # the store's own slide (its name, the id it records) is guarded too: a slide map may give an
+        # evaluation slide's store another name
+        if any(leak_key(s, leakage_level) in leak for s in (slide_id_of_store(store), attrs[store].get("slide_id"))
+               if s):
+            report.leakage.append({"id": rid, "slide_id": slide_id, "features": str(store)})
             continue
         if n_patches[store] == 0:
             report.no_patches.append({"id": rid, "slide_id": slide_id, "features": str(store)})

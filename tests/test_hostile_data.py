@@ -295,3 +295,19 @@ def test_unreadable_store_folder_slide_map_and_outputs_are_one_line_errors(tiny_
     assert cli(["score", "--benchmark", str(bench), "--outputs", str(binary), "--out", str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(binary) in err, err
+
+
+def test_leakage_guard_sees_an_evaluation_slides_store_behind_another_name(tmp_path):
+    from slidechat.instructions import build_instructions
+
+    barcode = "TCGA-A7-A0CJ-01Z-00-DX2"
+    feats = tmp_path / "features"
+    store = _store(feats / f"{barcode}.zarr", encoder="conch_v1")
+    _store(feats / "S2.zarr", encoder="conch_v1")
+    smap = tmp_path / "map.csv"  # a map (or a sample sheet) that calls the evaluation slide's store "patient-9"
+    smap.write_text(f"image,features\npatient-9.svs,{store}\n")
+    bench = _bench_ids(tmp_path, ["1"])
+    bench.write_text(bench.read_text().replace("S0", barcode))
+    m = build_instructions(_records(tmp_path, ["patient-9", "S2"]), feats, tmp_path / "train.json",
+                           exclude_benchmarks=[bench], slide_map=smap)
+    assert m["counts"]["kept"] == 1 and m["dropped"]["leakage"][0]["id"] == "r0"
