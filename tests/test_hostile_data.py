@@ -118,7 +118,8 @@ def tiny_model(tmp_path_factory, tiny_llm):
     return save_model(new_model(tiny_llm, cfg), tmp_path_factory.mktemp("m") / "model")
 
 
-def _bench(tmp_path: Path, slides: list[str]) -> Path:
+def _bench(tmp_path: Path, slides: list[str], ids: list[str] | None = None) -> Path:
+    """A SlideBench TCGA CSV with one question (answer A) per slide; ids 0, 1, ... unless given."""
     import csv
 
     from slidechat.benchmarks_io import TCGA_COLUMNS
@@ -128,7 +129,7 @@ def _bench(tmp_path: Path, slides: list[str]) -> Path:
         w = csv.writer(fh)
         w.writerow(TCGA_COLUMNS)
         for i, s in enumerate(slides):
-            w.writerow([i, s, "DEMO", "Diagnosis", "Tissue", f"Q{i}?", "a", "b", "c", "d", "A"])
+            w.writerow([ids[i] if ids else i, s, "DEMO", "Diagnosis", "Tissue", f"Q{i}?", "a", "b", "c", "d", "A"])
     return path
 
 
@@ -188,24 +189,10 @@ def test_ask_on_a_slide_without_tissue_is_a_clear_error(tiny_model, cmu_crop_16,
 # ----------------------------------------------------------------------------- outputs and ids
 
 
-def _bench_ids(tmp_path: Path, ids: list[str]) -> Path:
-    import csv
-
-    from slidechat.benchmarks_io import TCGA_COLUMNS
-
-    path = tmp_path / "bench.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(TCGA_COLUMNS)
-        for i, q in enumerate(ids):
-            w.writerow([q, f"S{i}", "DEMO", "Diagnosis", "Tissue", f"Q{i}?", "a", "b", "c", "d", "A"])
-    return path
-
-
 def test_outputs_whose_ids_lost_leading_zeros_still_match(tmp_path, capsys):
     from slidechat.cli import main as cli
 
-    bench = _bench_ids(tmp_path, ["001", "002", "010"])
+    bench = _bench(tmp_path, ["S0", "S1", "S2"], ids=["001", "002", "010"])
     (tmp_path / "o.csv").write_text("ID,Output\n1,A\n2,B\n10, A\n")  # saved again by a spreadsheet
     assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
                 "--out", str(tmp_path / "m.json")]) == 0
@@ -216,7 +203,7 @@ def test_outputs_whose_ids_lost_leading_zeros_still_match(tmp_path, capsys):
 def test_outputs_of_another_benchmark_are_an_error_not_zero_accuracy(tmp_path, capsys):
     from slidechat.cli import main as cli
 
-    bench = _bench_ids(tmp_path, ["q1", "q2", "q3"])
+    bench = _bench(tmp_path, ["S0", "S1", "S2"], ids=["q1", "q2", "q3"])
     (tmp_path / "o.csv").write_text("ID,Output\nBRCA:1,A\nBRCA:2,B\n")
     assert cli(["score", "--benchmark", str(bench), "--outputs", str(tmp_path / "o.csv"),
                 "--out", str(tmp_path / "m.json")]) == 2
@@ -238,8 +225,7 @@ def test_leakage_guard_sees_a_tcga_barcode_behind_a_suffix(tmp_path):
     names = [f"{barcode}_features", f"{barcode.lower()}-copy", "TCGA-AR-A255-01Z-00-DX1"]
     for n in names:
         _store(feats / f"{n}.zarr", encoder="conch_v1")
-    bench = _bench_ids(tmp_path, ["1"])
-    bench.write_text(bench.read_text().replace("S0", barcode))
+    bench = _bench(tmp_path, [barcode])
     m = build_instructions(_records(tmp_path, names), feats, tmp_path / "train.json", exclude_benchmarks=[bench])
     assert m["counts"]["kept"] == 1 and m["counts"]["leakage_removed"] == 2
     # the evaluation's check sees the same through a training JSON that kept such a name
@@ -306,8 +292,7 @@ def test_leakage_guard_sees_an_evaluation_slides_store_behind_another_name(tmp_p
     _store(feats / "S2.zarr", encoder="conch_v1")
     smap = tmp_path / "map.csv"  # a map (or a sample sheet) that calls the evaluation slide's store "patient-9"
     smap.write_text(f"image,features\npatient-9.svs,{store}\n")
-    bench = _bench_ids(tmp_path, ["1"])
-    bench.write_text(bench.read_text().replace("S0", barcode))
+    bench = _bench(tmp_path, [barcode])
     m = build_instructions(_records(tmp_path, ["patient-9", "S2"]), feats, tmp_path / "train.json",
                            exclude_benchmarks=[bench], slide_map=smap)
     assert m["counts"]["kept"] == 1 and m["dropped"]["leakage"][0]["id"] == "r0"

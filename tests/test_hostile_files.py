@@ -149,15 +149,24 @@ def test_llm_dir_with_remote_code_or_without_weights_is_a_clear_error(tiny_llm, 
         new_model(empty)
 
 
-def test_pickled_peft_adapter_is_refused(tiny_llm, tmp_path):
-    from slidechat.checkpoint import load_model, new_model, save_model
+def _lora_model_dir(tiny_llm: Path, out: Path) -> Path:
+    """Our model directory with a LoRA adapter (`llm_adapter/`) on the tiny LLM."""
+    from slidechat.checkpoint import new_model, save_model
     from slidechat.model import SlideChatConfig
 
     peft = pytest.importorskip("peft")
     model = new_model(tiny_llm, SlideChatConfig(encoder_layers=1, encoder_ffn_dim=32, encoder_heads=4))
     model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    out = save_model(model, tmp_path / "lora")
-    assert isinstance(load_model(out).llm, peft.PeftModel)
+    return save_model(model, out)
+
+
+def test_pickled_peft_adapter_is_refused(tiny_llm, tmp_path):
+    from peft import PeftModel
+
+    from slidechat.checkpoint import load_model
+
+    out = _lora_model_dir(tiny_llm, tmp_path / "lora")
+    assert isinstance(load_model(out).llm, PeftModel)
     adapter = out / "llm_adapter"
     from safetensors.torch import load_file
 
@@ -274,18 +283,20 @@ def test_conch_position_grid_of_an_absurd_size_is_refused_not_resampled(tmp_path
 # ----------------------------------------------------------------------------- training resume files
 
 
+def _fresh_run() -> tuple:
+    """(model, optimizer, scheduler) of a tiny run, the same every call."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
 @pytest.mark.parametrize("damage", ["scalar", "nan", "not_a_dict"])
 def test_resume_refuses_trainable_weights_that_do_not_fit_instead_of_broadcasting_them(tmp_path, damage):
     from slidechat import train as T
     from slidechat.train import TrainSetupError
 
-    def fresh():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(3, 2)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-
-    ckpt = T.save_checkpoint(tmp_path, 1, *fresh(), {"fingerprint": "f"}, keep=0)
+    ckpt = T.save_checkpoint(tmp_path, 1, *_fresh_run(), {"fingerprint": "f"}, keep=0)
     weights = {k: v.clone() for k, v in read_torch_file(ckpt / "trainable.pt").items()}  # not the mapped file
     if damage == "scalar":  # copy_ would broadcast it over the whole matrix
         weights["weight"] = torch.tensor([0.5])
@@ -295,23 +306,17 @@ def test_resume_refuses_trainable_weights_that_do_not_fit_instead_of_broadcastin
         weights = [weights["weight"]]
     torch.save(weights, ckpt / "trainable.pt")
     with pytest.raises(TrainSetupError, match=rf"{ckpt / 'trainable.pt'}: .*(weight|not a dict)"):
-        T.load_checkpoint(ckpt, *fresh())
+        T.load_checkpoint(ckpt, *_fresh_run())
 
 
 def test_resume_refuses_an_optimizer_file_of_another_shape(tmp_path):
     from slidechat import train as T
     from slidechat.train import TrainSetupError
 
-    def fresh():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(3, 2)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-
-    ckpt = T.save_checkpoint(tmp_path, 1, *fresh(), {"fingerprint": "f"}, keep=0)
+    ckpt = T.save_checkpoint(tmp_path, 1, *_fresh_run(), {"fingerprint": "f"}, keep=0)
     torch.save({"optimizer": [1, 2], "scheduler": {}, "rng": {}}, ckpt / "optim.pt")
     with pytest.raises(TrainSetupError, match=rf"{ckpt / 'optim.pt'}: not the optimizer state of this run"):
-        T.load_checkpoint(ckpt, *fresh())
+        T.load_checkpoint(ckpt, *_fresh_run())
 
 
 # ----------------------------------------------------------------------------- model configs
@@ -363,13 +368,9 @@ def test_llm_dir_missing_some_weights_is_refused_not_filled_at_random(tiny_llm, 
 def test_peft_adapter_missing_weights_is_refused_not_left_at_zero(tiny_llm, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from slidechat.checkpoint import load_model, new_model, save_model
-    from slidechat.model import SlideChatConfig
+    from slidechat.checkpoint import load_model
 
-    peft = pytest.importorskip("peft")
-    model = new_model(tiny_llm, SlideChatConfig(encoder_layers=1, encoder_ffn_dim=32, encoder_heads=4))
-    model.llm = peft.get_peft_model(model.llm, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    out = save_model(model, tmp_path / "lora")
+    out = _lora_model_dir(tiny_llm, tmp_path / "lora")
     f = out / "llm_adapter" / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(str(f)).items() if "lora_B" not in k}, str(f))
     with pytest.raises(InputError, match=rf"{f}: .*missing \(2\): .*lora_B"):

@@ -24,9 +24,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from wsicore.errors import ConfigError, InputError
+from wsicore.errors import InputError
 from wsicore.files import sha256_file, write_json
 
+from .errors import UnknownEncoderError
 from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
 
 CHECKPOINT_CONFIG_KEY = "features.checkpoint"
@@ -34,10 +35,6 @@ CHECKPOINT_CONFIG_KEY = "features.checkpoint"
 
 class EncoderCheckpointError(InputError, ValueError):
     """A checkpoint that is missing, unreadable, or does not match the encoder's architecture."""
-
-
-class UnknownEncoderError(ConfigError, ValueError):
-    """An encoder or timm model name that does not exist here (or would have to be downloaded)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 
 from wsicore.torchfile import load_strict, read_state_dict
 
+from .errors import UnknownEncoderError
 from .seeding import seeded
 from .transforms import TransformSpec
 
@@ -47,8 +48,6 @@ class TimmPooled(nn.Module):
 
     def __init__(self, model_name: str) -> None:
         super().__init__()
-        from . import UnknownEncoderError
-
         if ":" in model_name or "/" in model_name:  # hf-hub:..., local-dir:...: timm would fetch or read a config
             raise UnknownEncoderError(f"encoder `timm:{model_name}`: only timm's own architectures are built by name "
                                       "(e.g. timm:vit_base_patch16_224); hub and folder references are refused, as "
