@@ -296,3 +296,25 @@ def test_leakage_guard_sees_an_evaluation_slides_store_behind_another_name(tmp_p
     m = build_instructions(_records(tmp_path, ["patient-9", "S2"]), feats, tmp_path / "train.json",
                            exclude_benchmarks=[bench], slide_map=smap)
     assert m["counts"]["kept"] == 1 and m["dropped"]["leakage"][0]["id"] == "r0"
+
+
+# ----------------------------------------------------------------------------- coords files
+
+
+@pytest.mark.parametrize("recorded", ["../escaped", "/tmp/elsewhere/escaped", "..", ""])
+def test_coords_file_whose_slide_id_is_a_path_cannot_place_a_store_outside_the_output(cmu_small, tmp_path, recorded):
+    import shutil
+
+    from preprocessing.extract import read_coords
+    from preprocessing.tiling import tile_slide
+
+    coords = tile_slide(cmu_small, tmp_path / "tiles", target_mpp=4.0)
+    hostile = tmp_path / "CMU-1-Small-Region.h5"
+    shutil.copy(coords, hostile)
+    with h5py.File(hostile, "r+") as f:
+        f["coords"].attrs["slide_id"] = recorded
+    if recorded == "":  # nothing recorded: the file's own name is the id
+        assert read_coords(hostile).slide_id == "CMU-1-Small-Region"
+        return
+    with pytest.raises(StoreError, match=rf"{hostile}: records slide_id {recorded!r}, which is not a file name"):
+        read_coords(hostile)

@@ -33,6 +33,7 @@ import logging
 import os
 import pickle
 import pickletools
+import reprlib
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
@@ -384,7 +385,7 @@ def _find_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
                     f"{source}: the DeepSpeed `module` entry is empty (a ZeRO-3 checkpoint keeps its weights in the "
                     "optimizer shards); consolidate it with DeepSpeed's zero_to_fp32.py first"
                 )
-    top = sorted(map(str, obj))[:20] if isinstance(obj, dict) else type(obj).__name__
+    top = sorted(reprlib.repr(k) for k in obj)[:20] if isinstance(obj, dict) else type(obj).__name__
     raise InputError(
         f"{source}: no state dict of tensors found (the file itself, or under {', '.join(_WEIGHT_NESTING)}); "
         f"top level: {top}"
