@@ -375,3 +375,18 @@ def test_peft_adapter_missing_weights_is_refused_not_left_at_zero(tiny_llm, tmp_
     save_file({k: v for k, v in load_file(str(f)).items() if "lora_B" not in k}, str(f))
     with pytest.raises(InputError, match=rf"{f}: .*missing \(2\): .*lora_B"):
         load_model(out)
+
+
+def test_a_flipped_bit_in_a_zip_checkpoint_is_detected(tmp_path):
+    import struct
+
+    f = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(6.0)}, f)
+    raw = bytearray(f.read_bytes())
+    with zipfile.ZipFile(f) as zf:
+        head = zf.getinfo("w/data/0").header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[head + 26:head + 30])
+    raw[head + 30 + name_len + extra_len + 6] ^= 0x40  # 1.0 becomes 1.5; torch itself never checks the CRC
+    f.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=rf"{f}: .*w/data/0 fails its CRC check"):
+        read_torch_file(f)

@@ -215,6 +215,10 @@ def _pickle_globals(path: Path) -> set[str]:
                 raise InputError(
                     f"{path}: its entries are compressed ({_listing(packed, 3)}): the file was re-packed by a zip "
                     "tool. Re-pack it without compression (zip -0) or save the weights again with torch.save")
+            damaged = zf.testzip()  # torch never checks the CRCs: a changed byte would load as a changed weight
+            if damaged is not None:
+                raise InputError(f"{path}: entry {damaged} fails its CRC check (the file changed after it was "
+                                 "written: a damaged copy or disk); copy or download it again")
             return _opcode_globals(io.BytesIO(zf.read(pickles[0])), 1, path)
     except InputError:
         raise
