@@ -33,7 +33,7 @@ from slidechat.serve.attribution import display_heat
 from slidechat.serve.engine import ModelWorker, Preprocessor
 from slidechat.serve.slides import OutputFinder, SlideEntry, SlideOutputs, read_slide_table
 from wsicore.cli import command_parser
-from wsicore.errors import InputError, UsageError
+from wsicore.errors import InputError, UsageError, UserError
 
 log = logging.getLogger("slidechat.serve")
 
@@ -211,7 +211,10 @@ def create_app(state: ServeState) -> Any:
         if outputs.store is None:
             raise HTTPException(409, f"slide {slide_id} has no features yet: preprocess it first")
         future = state.worker.submit(state.worker.answer, outputs.store, request.question, request.history)
-        reply = await asyncio.wrap_future(future)
+        try:
+            reply = await asyncio.wrap_future(future)
+        except UserError as exc:  # the slide's store (empty, damaged, of another encoder), not the server
+            raise HTTPException(422, str(exc)) from exc
         out: dict[str, Any] = {"answer": reply.answer, "answer_seconds": round(reply.answer_seconds, 3),
                                "attribution_seconds": round(reply.attribution_seconds, 3)}
         if reply.heat is not None:

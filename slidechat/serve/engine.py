@@ -24,7 +24,7 @@ import torch
 from slidechat.inference import FeatureSettings, prepare_slide
 from slidechat.serve.attribution import patch_attribution
 from slidechat.serve.slides import OutputFinder, SlideEntry
-from wsicore.errors import UserError
+from wsicore.errors import InputError, UserError
 
 log = logging.getLogger("slidechat.serve")
 
@@ -86,7 +86,9 @@ class ModelWorker:
             self._slides.move_to_end(key)
             return self._slides[key]
         device, dtype = model_device_dtype(self.model)
-        features = load_slide_tensor(store, device, dtype)
+        features = load_slide_tensor(store, device, dtype, self.model.config.feature_dim)
+        if features.shape[0] == 0:
+            raise InputError(f"{store}: holds no patches (a slide without tissue); nothing to ask about")
         with torch.inference_mode():
             visual = self.model.encode_slide(features)
         self.encodings += 1
