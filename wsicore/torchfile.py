@@ -22,7 +22,8 @@ class or function, so no gadget can set attributes for the rest of the process),
 callables, APPEND/SETITEM only on lists/dicts, and sparse tensors are checked for valid indices.
 Bare pickles, TorchScript archives and torch's pre-1.6 tar format are refused, and so are pickle bombs
 (a structure that expands from shared references, or nests deeper than any checkpoint: followed on the
-opcode stack, never built) and zip archives whose entries were compressed by re-packing.
+opcode stack, never built), zip archives whose entries were compressed by re-packing or fail their CRC
+check, and legacy-format files whose storages claim more bytes than the file holds.
 """
 
 from __future__ import annotations
