@@ -70,12 +70,13 @@ def extract_answer(text: str | None, options: dict[str, str]) -> str | None:
     if m:
         return canon(m.group(1))
     # 2. boxed
-    m = re.search(rf"\\boxed\{{\s*\(?\s*({alt})\s*\)?[\.\s]*\}}", s, re.IGNORECASE)
+    m = re.search(rf"\\boxed\{{\s*(?:\(\s*)?({alt})(?:\s*\))?[\.\s]*\}}", s, re.IGNORECASE)
     if m:
         return canon(m.group(1))
     # 3. explicit "answer is B" / "Answer: (B)" statements; then "option B". A bare letter must be upper
     #    case here, so that "answer: a poorly differentiated ..." is not read as A.
-    sep = r"(?i:\s*(?:is|would\s+be|should\s+be)?\s*[:\-]?\s*)[\*\"'`]*"
+    # each whitespace run is matched by one quantifier only: `\s*x?\s*` backtracks cubically on long runs
+    sep = r"(?i:\s*(?:(?:is|would\s+be|should\s+be)\s*)?(?:[:\-]\s*)?)[\*\"'`]*"
     for kw in (r"(?i:final\s+answer|correct\s+answer|answer)", r"(?i:correct\s+option|correct\s+choice|option|choice)"):
         for pat in (rf"{kw}{sep}\(\s*(?i:({alt}))\s*\)", rf"{kw}{sep}({alt})(?![\w-])"):
             m = re.search(pat, s, flags)

@@ -318,3 +318,25 @@ def test_coords_file_whose_slide_id_is_a_path_cannot_place_a_store_outside_the_o
         return
     with pytest.raises(StoreError, match=rf"{hostile}: records slide_id {recorded!r}, which is not a file name"):
         read_coords(hostile)
+
+
+# ----------------------------------------------------------------------------- model outputs
+
+
+def test_a_degenerate_answer_full_of_whitespace_is_scored_at_once(tmp_path):
+    """LLMs can emit long runs of blank lines; the letter extractor's patterns backtracked cubically on them
+    (1,000 spaces after 'The answer' took 18 s, 20,000 would take days). Run apart, so a regression fails
+    the test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = ("from slidechat.scoring import extract_answer\n"
+            "opts = {'A': 'adenocarcinoma', 'B': 'lymphoid', 'C': 'stroma', 'D': 'necrosis'}\n"
+            "for ws in (' ', '\\n', ' \\n'):\n"
+            "    for text in ('The answer' + ws * 20000 + 'unclear', '\\\\boxed{' + ws * 20000 + 'x',\n"
+            "                 'The answer is' + ws * 20000 + '(B)'):\n"
+            "        print(extract_answer(text, opts))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["None", "None", "B"] * 3
