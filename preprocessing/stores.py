@@ -468,7 +468,11 @@ def _read_zarr(p: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         raise _unsealed(p, slide_id)
     if attrs.get("complete") is not True:
         raise StoreError(f"{p}: incomplete feature store; re-run feature extraction for slide {slide_id}")
-    block = _record_geometry(p, record)[1]
+    rows, block = _record_geometry(p, record)
+    claimed = [f"{k} has {g[k].shape[0]} rows, {rows} were written" for k in ("features", "coords", "valid")
+               if g[k].shape[0] != rows]
+    if claimed:  # before reading: the array would first be allocated at the size its metadata claims
+        raise _damaged(p, slide_id, claimed)
     arrays = {k: _read_zarr_array(p, slide_id, g, k, block) for k in ("features", "coords", "valid")}
     _verify(p, slide_id, record, arrays)
     return arrays["features"], arrays["coords"], arrays["valid"].astype(bool), attrs

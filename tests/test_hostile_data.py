@@ -340,3 +340,13 @@ def test_a_degenerate_answer_full_of_whitespace_is_scored_at_once(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["None", "None", "B"] * 3
+
+
+def test_zarr_metadata_claiming_more_rows_than_written_is_refused_before_reading(tmp_path):
+    store = _store(tmp_path / "S1.zarr")
+    meta_file = store / "features" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["shape"][0] = 10 ** 12  # reading it would first allocate the claimed array
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=rf"{store}: .*features has {10 ** 12} rows, 50 were written"):
+        load_features(store)
