@@ -47,6 +47,7 @@ STORE_FORMAT = "wsi-slidechat-features"
 STORE_FORMAT_VERSION = 2  # 2: the `integrity` attribute (row count and per-block checksums)
 STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order when one slide has several stores
 H5_BLOCK_ROWS = 2048  # H5 feature chunk rows, and the rows per checksum block of H5 stores
+MAX_FEATURE_DIM = 1 << 16  # far above any patch encoder (512-2,560); a larger claim is damage, not features
 _PATCH_NAME = re.compile(r"(-?\d+)_(-?\d+)(?:\.[A-Za-z0-9]+)?$")
 _STRIP_SUFFIXES = (".csv", ".pt", ".pth", ".h5", ".hdf5", ".zarr", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn",
                    ".json")
@@ -471,6 +472,11 @@ def _read_zarr(p: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     rows, block = _record_geometry(p, record)
     claimed = [f"{k} has {g[k].shape[0]} rows, {rows} were written" for k in ("features", "coords", "valid")
                if g[k].shape[0] != rows]
+    shapes = {k: tuple(g[k].shape[1:]) for k in ("features", "coords", "valid")}
+    if not (len(shapes["features"]) == 1 and 0 < shapes["features"][0] <= MAX_FEATURE_DIM) or \
+            shapes["coords"] != (2,) or shapes["valid"] != ():
+        claimed.append(f"array shapes {', '.join(f'{k} {(g[k].shape)}' for k in shapes)} are not (N, D <= "
+                       f"{MAX_FEATURE_DIM}), (N, 2), (N,)")
     if claimed:  # before reading: the array would first be allocated at the size its metadata claims
         raise _damaged(p, slide_id, claimed)
     arrays = {k: _read_zarr_array(p, slide_id, g, k, block) for k in ("features", "coords", "valid")}

@@ -346,7 +346,13 @@ def test_zarr_metadata_claiming_more_rows_than_written_is_refused_before_reading
     store = _store(tmp_path / "S1.zarr")
     meta_file = store / "features" / "zarr.json"
     meta = json.loads(meta_file.read_text())
+    original = json.dumps(meta)
     meta["shape"][0] = 10 ** 12  # reading it would first allocate the claimed array
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=rf"{store}: .*features has {10 ** 12} rows, 50 were written"):
+        load_features(store)
+    meta = json.loads(original)
+    meta["shape"][1] = 10 ** 9  # 50 rows of a billion features each
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=rf"{store}: .*array shapes features \(50, {10 ** 9}\)"):
         load_features(store)
