@@ -511,6 +511,9 @@ def _h5_root_attrs(f: h5py.File) -> dict:
 def _load_h5(p: Path) -> FeatureSet:
     try:
         with h5py.File(p, "r") as f:
+            for name in ("features", "coords"):
+                if name in f:
+                    _check_h5_claim(p, f[name])
             feats = np.asarray(f["features"][:])
             coords = np.asarray(f["coords"][:]) if "coords" in f else None
             attrs = _h5_root_attrs(f)
@@ -541,6 +544,15 @@ def _load_h5(p: Path) -> FeatureSet:
     if not isinstance(record, dict):  # ours were checked against their record
         coords = _pixel_coords(p, coords)
     return FeatureSet(x, coords.astype(np.int64, copy=False), attrs, slide_id)
+
+
+def _check_h5_claim(p: Path, dset: Any) -> None:
+    """Refuse a dataset whose shape claims far more bytes than the file stores for it: unwritten chunks read
+    as zeros, and reading first allocates the claimed size (a tiny file can claim terabytes)."""
+    claimed, stored = int(dset.size) * dset.dtype.itemsize, int(dset.id.get_storage_size())
+    if claimed > 1000 * stored + (1 << 20):  # compression of real features is nowhere near 1000:1
+        raise StoreError(f"{p}: {dset.name.lstrip('/')} claim {claimed:,} bytes but the file stores {stored:,} "
+                         "(chunks never written, read as zeros); not a complete feature file")
 
 
 def _load_csv(p: Path) -> FeatureSet:

@@ -356,3 +356,13 @@ def test_zarr_metadata_claiming_more_rows_than_written_is_refused_before_reading
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=rf"{store}: .*array shapes features \(50, {10 ** 9}\)"):
         load_features(store)
+
+
+def test_h5_dataset_claiming_far_more_than_it_stores_is_refused_before_reading(tmp_path):
+    f = tmp_path / "S1.h5"
+    with h5py.File(f, "w") as h:  # 2 TB claimed, nothing written: reading fills it with zeros first
+        h.create_dataset("features", shape=(10 ** 9, 512), dtype="float32", chunks=(1024, 512))
+        h.create_dataset("coords", shape=(10 ** 9, 2), dtype="int64", chunks=(1024, 2))
+    assert f.stat().st_size < 100_000
+    with pytest.raises(StoreError, match=rf"{f}: features claim 2,048,000,000,000 bytes but the file stores 0"):
+        load_features(f)
