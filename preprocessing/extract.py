@@ -194,6 +194,9 @@ def read_coords(path: str | Path) -> PatchPlan:
     except (KeyError, TypeError) as exc:
         raise StoreError(f"{path}: coords attributes incomplete ({exc}); re-run tiling") from exc
     slide_id = str(attrs.get("slide_id") or path.stem)
+    if Path(slide_id).name != slide_id or slide_id in (".", ".."):  # the store is named after it
+        raise StoreError(f"{path}: records slide_id {slide_id!r}, which is not a file name; a store named after it "
+                         "would be written outside the output folder. Re-run tiling for this slide")
     return PatchPlan(slide_id, coords, jsonable(attrs), level, read_size, patch_size, ds_xy)
 
 

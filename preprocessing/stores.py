@@ -24,6 +24,7 @@ SlideChat CSV) carry no such record: their shapes, row counts and finiteness are
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -46,6 +47,7 @@ STORE_FORMAT = "wsi-slidechat-features"
 STORE_FORMAT_VERSION = 2  # 2: the `integrity` attribute (row count and per-block checksums)
 STORE_SUFFIXES = (".zarr", ".h5", ".csv")  # preference order when one slide has several stores
 H5_BLOCK_ROWS = 2048  # H5 feature chunk rows, and the rows per checksum block of H5 stores
+MAX_FEATURE_DIM = 1 << 16  # far above any patch encoder (512-2,560); a larger claim is damage, not features
 _PATCH_NAME = re.compile(r"(-?\d+)_(-?\d+)(?:\.[A-Za-z0-9]+)?$")
 _STRIP_SUFFIXES = (".csv", ".pt", ".pth", ".h5", ".hdf5", ".zarr", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn",
                    ".json")
@@ -92,6 +94,13 @@ def normalize_slide_id(name: str) -> str:
     return base
 
 
+def tcga_barcode(name: str) -> str | None:
+    """The TCGA slide barcode a name starts with (upper case), whatever follows it (`_features`, ` (1)`, a
+    uuid); None for other names. The leakage guard compares these, so a suffix cannot hide a slide."""
+    m = _TCGA_SLIDE.match(os.path.basename(str(name).strip().rstrip("/")))
+    return m.group(1).upper() if m else None
+
+
 def slide_key(name: str) -> str:
     """How slide ids are compared everywhere (store index, slide maps, leakage guard): the normalised id,
     ignoring case, so `tcga-cr-7395-01a-01-ts1.zarr` is the store of slide `TCGA-CR-7395-01A-01-TS1`."""
@@ -114,11 +123,16 @@ def read_slide_map(path: str | Path) -> dict[str, SlideMapEntry]:
     column: the slide id the name stands for, e.g. a sample sheet's id) and `features` (or `path`, `store`:
     the feature store; a relative path is relative to the CSV's folder).
     """
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"slide map not found: {path} (option --slide-map)")
+    try:
+        return _read_slide_map(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise StoreError(f"{path}: not a UTF-8 CSV slide map ({exc}); save it as CSV UTF-8") from exc
+
+
+def _read_slide_map(path: Path) -> dict[str, SlideMapEntry]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = {f.strip().lower(): f for f in (reader.fieldnames or []) if f}
@@ -200,6 +214,35 @@ class FeatureStoreIndex:
         return {k: sorted(v, key=lambda p: rank[p.suffix.lower()]) for k, v in found.items()}
 
 
+# What made a store's features. Stores used together (one training set, one evaluation) must agree on it:
+# features of another encoder, checkpoint, transform or patch geometry have the same shape but mean
+# something else to the model.
+PROVENANCE_KEYS = ("encoder", "checkpoint_sha256", "transform", "target_mpp", "patch_size")
+
+
+class SameFeatures:
+    """Checks that stores were made the same way (`PROVENANCE_KEYS`, as far as both record them)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[Path, dict] | None = None
+
+    def add(self, store: Path, attrs: dict) -> None:
+        made = {k: attrs[k] for k in PROVENANCE_KEYS if attrs.get(k) is not None}
+        if not made:  # another tool's store records nothing
+            return
+        if self.first is None:
+            self.first = (store, made)
+            return
+        ref_store, ref = self.first
+        keys = [k for k in made if k in ref and made[k] != ref[k]]
+        if keys:
+            raise StoreError(
+                f"{store}: made with {', '.join(f'{k} {made[k]!r}' for k in keys)}, but {ref_store} with "
+                f"{', '.join(f'{k} {ref[k]!r}' for k in keys)}; the stores of one training set or evaluation must "
+                "come from one extraction (same encoder, checkpoint, transform and patch size): re-extract the odd "
+                "ones or keep them in another folder")
+
+
 # --------------------------------------------------------------------------------------------------
 # Integrity: row counts and per-block checksums, recorded when written, checked when read
 # --------------------------------------------------------------------------------------------------
@@ -238,11 +281,25 @@ def _damaged(p: Path, slide_id: str, problems: list[str]) -> StoreError:
                       f"extraction for slide {slide_id}.")
 
 
-def _verify(p: Path, slide_id: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Refuse arrays whose row count or block checksums differ from the store's integrity record."""
+def _record_geometry(p: Path, record: dict) -> tuple[int, int]:
+    """(rows, block_rows) of an integrity record, refusing a record that is not one (edited by hand)."""
     if record.get("algorithm") != INTEGRITY_ALGORITHM:
         raise StoreError(f"{p}: unknown checksum algorithm {record.get('algorithm')!r} in its integrity record")
-    rows, block = int(record["rows"]), int(record["block_rows"])
+    try:
+        rows, block = int(record["rows"]), int(record["block_rows"])
+    except (KeyError, TypeError, ValueError):
+        rows = block = -1
+    lists = all(isinstance(record.get(k, []), list) for k in ("features", "coords", "valid"))
+    if rows < 0 or block < 1 or not lists:
+        raise StoreError(f"{p}: its integrity record is malformed (rows {record.get('rows')!r}, block_rows "
+                         f"{record.get('block_rows')!r}, checksum lists expected), so the store cannot be checked. "
+                         "Delete the store and re-run feature extraction")
+    return rows, block
+
+
+def _verify(p: Path, slide_id: str, record: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Refuse arrays whose row count or block checksums differ from the store's integrity record."""
+    rows, block = _record_geometry(p, record)
     problems = []
     for name, arr in arrays.items():
         want = record.get(name)
@@ -270,6 +327,33 @@ def _check_finite(p: Path, slide_id: str, features: np.ndarray, rows: np.ndarray
     shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
     raise StoreError(f"{p}: {len(bad)} patch row(s) of slide {slide_id} hold NaN/inf features (rows {shown}); "
                      f"re-run feature extraction for slide {slide_id} (at float32 if float16 overflowed)")
+
+
+def _numeric(p: Path, what: str, a: np.ndarray) -> np.ndarray:
+    """`a` if it holds real numbers (another tool's store may hold text or complex values)."""
+    if a.dtype.kind not in "fiu":
+        raise StoreError(f"{p}: {what} are not numbers (dtype {a.dtype}); not a feature store this project reads")
+    return a
+
+
+def _pixel_coords(p: Path, coords: np.ndarray) -> np.ndarray:
+    """Another tool's coords as int64, refusing non-integral or non-finite positions and repeated patches."""
+    coords = _numeric(p, "coords", coords)
+    if coords.dtype.kind == "f":
+        bad = np.flatnonzero(~(np.isfinite(coords) & (coords == np.round(coords))).all(axis=1))
+        if len(bad):
+            raise StoreError(f"{p}: coords are not whole pixel positions at {len(bad)} row(s) (row {bad[0]}: "
+                             f"{coords[bad[0]].tolist()}); not usable as patch coordinates")
+    coords = coords.astype(np.int64)
+    if len(coords) and not (coords == -1).all():  # -1: a store without coordinates
+        places, counts = np.unique(coords, axis=0, return_counts=True)
+        if (counts > 1).any():
+            first = int(np.flatnonzero(counts > 1)[0])
+            x, y = places[first]
+            raise StoreError(f"{p}: {counts[first]} rows at the same coordinates ({x}, {y}) ({int((counts > 1).sum())} "
+                             "such place(s)): a patch is listed more than once (were two extractions concatenated?); "
+                             "re-extract the slide or keep one row per patch")
+    return coords
 
 
 def _unsealed(p: Path, slide_id: str) -> StoreError:
@@ -339,13 +423,16 @@ def read_store_attrs(path: str | Path) -> dict:
     """Attributes of a store without reading its arrays."""
     p = Path(path)
     kind = store_kind(p)
-    if kind == "zarr":
-        import zarr
+    try:
+        if kind == "zarr":
+            import zarr
 
-        return dict(zarr.open_group(str(p), mode="r").attrs)
-    if kind == "h5":
-        with h5py.File(p, "r") as f:
-            return _h5_root_attrs(f)
+            return dict(zarr.open_group(str(p), mode="r").attrs)
+        if kind == "h5":
+            with h5py.File(p, "r") as f:
+                return _h5_root_attrs(f)
+    except (OSError, ValueError, KeyError) as exc:  # zarr's "no group found" is both
+        raise StoreError(f"{p}: not a readable feature store ({type(exc).__name__}: {exc})") from exc
     return {}
 
 
@@ -382,7 +469,16 @@ def _read_zarr(p: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         raise _unsealed(p, slide_id)
     if attrs.get("complete") is not True:
         raise StoreError(f"{p}: incomplete feature store; re-run feature extraction for slide {slide_id}")
-    block = int(record["block_rows"])
+    rows, block = _record_geometry(p, record)
+    claimed = [f"{k} has {g[k].shape[0]} rows, {rows} were written" for k in ("features", "coords", "valid")
+               if g[k].shape[0] != rows]
+    shapes = {k: tuple(g[k].shape[1:]) for k in ("features", "coords", "valid")}
+    if not (len(shapes["features"]) == 1 and 0 < shapes["features"][0] <= MAX_FEATURE_DIM) or \
+            shapes["coords"] != (2,) or shapes["valid"] != ():
+        claimed.append(f"array shapes {', '.join(f'{k} {(g[k].shape)}' for k in shapes)} are not (N, D <= "
+                       f"{MAX_FEATURE_DIM}), (N, 2), (N,)")
+    if claimed:  # before reading: the array would first be allocated at the size its metadata claims
+        raise _damaged(p, slide_id, claimed)
     arrays = {k: _read_zarr_array(p, slide_id, g, k, block) for k in ("features", "coords", "valid")}
     _verify(p, slide_id, record, arrays)
     return arrays["features"], arrays["coords"], arrays["valid"].astype(bool), attrs
@@ -415,6 +511,9 @@ def _h5_root_attrs(f: h5py.File) -> dict:
 def _load_h5(p: Path) -> FeatureSet:
     try:
         with h5py.File(p, "r") as f:
+            for name in ("features", "coords"):
+                if name in f:
+                    _check_h5_claim(p, f[name])
             feats = np.asarray(f["features"][:])
             coords = np.asarray(f["coords"][:]) if "coords" in f else None
             attrs = _h5_root_attrs(f)
@@ -440,9 +539,20 @@ def _load_h5(p: Path) -> FeatureSet:
             raise StoreError(f"{p}: coords have shape {coords.shape}; expected (patches, 2)")
     if len(coords) != len(feats):
         raise StoreError(f"{p}: {len(feats)} feature rows but {len(coords)} coords")
-    x = feats.astype(np.float32, copy=False)
+    x = _numeric(p, "features", feats).astype(np.float32, copy=False)
     _check_finite(p, slide_id, x)
+    if not isinstance(record, dict):  # ours were checked against their record
+        coords = _pixel_coords(p, coords)
     return FeatureSet(x, coords.astype(np.int64, copy=False), attrs, slide_id)
+
+
+def _check_h5_claim(p: Path, dset: Any) -> None:
+    """Refuse a dataset whose shape claims far more bytes than the file stores for it: unwritten chunks read
+    as zeros, and reading first allocates the claimed size (a tiny file can claim terabytes)."""
+    claimed, stored = int(dset.size) * dset.dtype.itemsize, int(dset.id.get_storage_size())
+    if claimed > 1000 * stored + (1 << 20):  # compression of real features is nowhere near 1000:1
+        raise StoreError(f"{p}: {dset.name.lstrip('/')} claim {claimed:,} bytes but the file stores {stored:,} "
+                         "(chunks never written, read as zeros); not a complete feature file")
 
 
 def _load_csv(p: Path) -> FeatureSet:
@@ -467,6 +577,7 @@ def _load_csv(p: Path) -> FeatureSet:
             if m is None:
                 raise StoreError(f"{p}: row {i}: patch_name {name!r} is not '{{x}}_{{y}}.jpeg'")
             coords[i] = (int(m.group(1)), int(m.group(2)))
+        coords = _pixel_coords(p, coords)
         has_coords = True
     else:  # SlideChat's loader only uses the first 512 columns; a CSV without names still has features
         coords = np.full((len(df), 2), -1, np.int64)
@@ -650,7 +761,7 @@ def write_zarr_store(
     features = features if features.ndim == 2 else features.reshape(len(coords), -1)
     valid = np.ones(len(coords), bool) if valid is None else np.asarray(valid, bool)
     attrs = {k: v for k, v in attrs.items() if k not in {"integrity", "complete", "chunk_rows"}}
-    with atomic_path(final, is_dir=True) as tmp:
+    with atomic_path(final, is_dir=True, replaces="zarr.json") as tmp:
         store = PartialZarrStore.create(tmp, np.asarray(coords), features.shape[1], dtype, chunk_rows, attrs)
         for i in range(store.n_chunks):
             a, b = store.chunk_rows_of(i)

@@ -122,12 +122,13 @@ def normalize_answer(value: Any, labels: Iterable[str] = LETTERS) -> str | None:
 
 
 def _id_string(value: Any, default: str) -> str:
-    """Question id as a string; ``17.0`` (a pandas float) and ``17`` are the same id."""
+    """Question id as a string; ``17.0`` (a pandas float), ``017`` (a spreadsheet drops the zero) and ``17`` are
+    the same id."""
     s = _clean(value)
     if s is None:
         return default
-    if re.fullmatch(r"-?\d+\.0+", s):
-        s = s.split(".")[0]
+    if re.fullmatch(r"-?\d+(\.0+)?", s):
+        s = str(int(s.split(".")[0]))
     return s
 
 
@@ -138,7 +139,8 @@ def _read_csv_rows(path: Path, what: str = "CSV file") -> tuple[list[str], list[
             fields = [f for f in (reader.fieldnames or [])]
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise BenchmarkFormatError(f"{path}: not a readable UTF-8 CSV ({exc}); expected a {what}") from exc
+        raise BenchmarkFormatError(f"{path}: not a readable UTF-8 CSV ({exc}); expected a {what} (save it as "
+                                   "CSV UTF-8)") from exc
     return fields, rows
 
 
@@ -329,13 +331,28 @@ def load_benchmark(path: str | os.PathLike, caption_prompt: str = DEFAULT_CAPTIO
     """Read any supported benchmark file (or WSI-Bench folder), detecting the format from its content.
 
     Question ids must be unique: answers are matched to questions by id."""
-    bench = _read_benchmark(Path(path), caption_prompt)
+    try:
+        bench = _read_benchmark(Path(path), caption_prompt)
+    except BenchmarkFormatError:
+        raise
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from exc
     counts = Counter(it.qid for it in bench.items)
     dup = sorted(q for q, c in counts.items() if c > 1)
     if dup:
         raise BenchmarkFormatError(f"{path}: question id(s) {', '.join(dup[:10])}{' ...' if len(dup) > 10 else ''} "
                                    "appear more than once; answers are matched by id, so each must be unique")
     return bench
+
+
+# What a file of the wrong kind raises while parsed: cut or invalid JSON, bytes that are not text, JSON of
+# another shape, nesting deeper than the parser goes.
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
+
+
+def _unreadable(path: str | os.PathLike, exc: BaseException) -> BenchmarkFormatError:
+    return BenchmarkFormatError(f"{path}: cannot be read as a benchmark or slide list "
+                                f"({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
@@ -348,6 +365,19 @@ def benchmark_slide_ids(path: str | os.PathLike) -> set[str]:
     except BenchmarkFormatError:
         if path.is_dir():  # a folder is a WSI-Bench folder or nothing
             raise
+    try:
+        ids = _listed_slide_ids(path)
+    except BenchmarkFormatError:
+        raise
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from exc
+    if not ids:  # a guard that excludes nothing must not pass for one that worked
+        raise BenchmarkFormatError(f"{path}: names no slide (no benchmark format, no slide column, no records with "
+                                   "slide_id or image); the leakage guard cannot use it")
+    return ids
+
+
+def _listed_slide_ids(path: Path) -> set[str]:
     ids: set[str] = set()
     if path.suffix.lower() == ".csv":
         fields, rows = _read_csv_rows(path)
@@ -457,6 +487,11 @@ def match_output_rows(bench: Benchmark, rows: list[dict[str, str]], path: str = 
             qid = _id_string(r.get("ID"), "")
             if qid in result:
                 result[qid] = r
+        if result and not any(result.values()):  # not a partial run: answers to other questions
+            shown = ", ".join(sorted(counts)[:5]) + (" ..." if len(counts) > 5 else "")
+            raise BenchmarkFormatError(f"{path}: none of its {len(counts)} question IDs ({shown}) is a question of "
+                                       f"{bench.path or bench.name}; are these the outputs of another benchmark (or "
+                                       "of one WSI-Bench file scored against the folder)?")
         return result
     if len(rows) != len(bench.items):
         raise BenchmarkFormatError(

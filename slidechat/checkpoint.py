@@ -141,18 +141,56 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
+    """The causal LM of a Hugging Face directory. Transformers reads safetensors only: pickled weights
+    (`pytorch_model*.bin`, older saves) are read by our weights-only reader, never unpickled by transformers,
+    and code in the directory (`auto_map`) never runs."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not sys.stderr.isatty():  # a log file gets no progress bar of the weight loading
         hf_logging.disable_progress_bar()
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    pickled = sorted(path.glob("pytorch_model*.bin"))
+    if pickled and not any(path.glob("*.safetensors")):
+        weights: dict[str, Tensor] = {}
+        for f in pickled:
+            weights.update(read_state_dict(f))
+        return _llm_from_state_dict(path, weights, torch_dtype, str(path))
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+        llm, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except OSError as exc:  # no config.json or no weights
         raise _not_an_llm(path, exc) from exc
+    except ValueError as exc:  # an architecture transformers does not have (e.g. one that needs remote code)
+        raise InputError(f"{path}: its model cannot be built by this transformers version, and code shipped with "
+                         f"a model is never run ({exc})") from exc
+    # transformers fills weights missing from the files with random values and only logs it
+    problems = [f"{what} ({len(keys)}): {', '.join(map(str, sorted(keys)[:8]))}" for what, keys in
+                (("missing", info.get("missing_keys") or []), ("of another shape", info.get("mismatched_keys") or []))
+                if keys]
+    if problems:
+        raise InputError(f"{path}: the weight files do not fill the model its config.json describes; "
+                         + "; ".join(problems))
+    return llm
+
+
+def _load_adapter(llm: nn.Module, adapter: Path) -> nn.Module:
+    """`llm` with the PEFT adapter of the folder `adapter`, strictly: its weights must be safetensors (peft
+    would unpickle adapter_model.bin itself) and fill every adapter weight (peft leaves missing ones at
+    their initial values, a LoRA B of zeros: silently the base model, with a warning)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{adapter}: no adapter_model.safetensors (a pickled adapter_model.bin is not read); save "
+                         "the adapter with peft's save_pretrained(safe_serialization=True)")
+    model = PeftModel.from_pretrained(llm, str(adapter))
+    missing = sorted(set(get_peft_model_state_dict(model)) - set(read_safetensors(weights)))
+    if missing:
+        raise InputError(f"{weights}: the adapter weights do not fill the adapter its config describes; missing "
+                         f"({len(missing)}): {', '.join(missing[:8])}")
+    return model
 
 
 def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: torch.dtype | None,
@@ -161,7 +199,10 @@ def _llm_from_state_dict(path: Path, weights: dict[str, Tensor], torch_dtype: to
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: no usable config.json for the LLM ({exc})") from exc
     with init_empty_weights(include_buffers=False):
         llm = AutoModelForCausalLM.from_config(config)
     tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False))
@@ -265,9 +306,7 @@ def _load_xtuner_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtyp
     model = _assemble(enc, proj, {}, llm if not has_llm else path, torch_dtype, config, str(path),
                       llm_dir_with_weights=llm_dir)
     if adapter.is_dir():
-        from peft import PeftModel
-
-        model.llm = PeftModel.from_pretrained(model.llm, str(adapter))
+        model.llm = _load_adapter(model.llm, adapter)
         model.llm_weights_loaded = True
     return model
 
@@ -286,6 +325,12 @@ def _assemble(enc: dict[str, Tensor], proj: dict[str, Tensor], llm_weights: dict
         raise InputError(f"{source}: missing key {e} in the original layout") from None
     cfg.encoder_layers = len({k.split(".")[1] for k in enc if k.startswith("layers.")})
     cfg.context = "per_patch"  # what the released weights were trained with
+    try:  # sizes read off the weights are checked as a config's are, before anything is built
+        cfg = SlideChatConfig.from_dict(cfg.to_dict())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{source}: the weights describe no SlideChat model this code builds ({e}; "
+                         f"encoder_layers {cfg.encoder_layers}, feature_dim {cfg.feature_dim}, encoder_ffn_dim "
+                         f"{cfg.encoder_ffn_dim})") from e
     base = _require_dir(llm, "Hugging Face causal LM directory (the base LLM, e.g. Qwen2.5-7B-Instruct)")
     if llm_weights:
         llm_module = _llm_from_state_dict(base, llm_weights, torch_dtype, source)
@@ -326,9 +371,7 @@ def _load_our_dir(path: Path, llm: str | Path | None, torch_dtype: torch.dtype |
         llm_module = _load_llm(base, torch_dtype)
         tok_dir = path / TOKENIZER_SUBDIR if (path / TOKENIZER_SUBDIR).is_dir() else base
         if fmt == "peft_adapter":
-            from peft import PeftModel
-
-            llm_module = PeftModel.from_pretrained(llm_module, str(path / ADAPTER_SUBDIR))
+            llm_module = _load_adapter(llm_module, path / ADAPTER_SUBDIR)
         elif fmt != "base":
             raise InputError(f"{path / CONFIG_FILE}: unknown llm_format {fmt!r}")
     model = SlideChat(llm_module, _load_tokenizer(tok_dir), cfg, llm_source=meta.get("llm_source"))
@@ -357,7 +400,7 @@ def save_model(model: SlideChat, out_dir: str | Path, save_llm: bool = True) -> 
     fmt = "peft_adapter" if is_peft else ("full" if save_llm else "base")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if k.startswith(("LongNet_encoder.", "projector."))}
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, replaces=CONFIG_FILE) as tmp:
         save_file(state, str(tmp / VISUAL_WEIGHTS_FILE))
         if fmt == "full":
             model.llm.save_pretrained(tmp / LLM_SUBDIR)

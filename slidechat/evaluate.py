@@ -83,14 +83,14 @@ def check_feature_width(store: str | os.PathLike, features: Any, attrs: dict, ex
                          "trained on")
 
 
-def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None, expected_dim: int | None = None):
-    """Features of one store as a float tensor (N, D) on `device`; D must be `expected_dim` when given."""
+def load_slide_tensor(store: Path, device: Any = "cpu", dtype: Any = None, feature_dim: int | None = None):
+    """Features of one store as a float tensor (N, D) on `device`; D must be `feature_dim` (the model's) if given."""
     import torch
 
     from preprocessing.stores import load_features
 
     fs = load_features(store)
-    check_feature_width(store, fs.features, fs.attrs, expected_dim)
+    check_feature_width(store, fs.features, fs.attrs, feature_dim)
     t = torch.from_numpy(fs.features)
     return t.to(device=device, dtype=dtype or torch.float32)
 
@@ -174,7 +174,10 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
     """
     import torch
 
+    from preprocessing.stores import SameFeatures, read_store_attrs
+
     device, dtype = model_device_dtype(model)
+    same = SameFeatures()  # one evaluation: features of one extraction
     by_slide: OrderedDict[str, list[BenchItem]] = OrderedDict()
     for it in bench.items:
         by_slide.setdefault(it.slide_id, []).append(it)
@@ -193,6 +196,8 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
             continue
         store = finder.find(slide_id)
         t0 = time.perf_counter()
+        if store is not None:
+            same.add(store, read_store_attrs(store))
         feats = load_slide_tensor(store, device, dtype, model.config.feature_dim) if store is not None else None
         t1 = time.perf_counter()
         if feats is None or feats.shape[0] == 0:
@@ -264,7 +269,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL_FILE
-    key = _resume_key(benchmark, model_dir, llm, settings, limit)
+    key = _resume_key(benchmark, model_dir, llm, settings, limit, features_dir, slide_map)
     done = _read_partial(partial, key, log) if resume else {}
     if not resume or not done:
         partial.write_text(json.dumps({"resume_key": key}) + "\n")
@@ -311,17 +316,32 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
 PARTIAL_FILE = ".outputs.partial.jsonl"
 
 
-def _resume_key(benchmark: Any, model_dir: Any, llm: Any, settings: EvalSettings, limit: int | None) -> dict[str, Any]:
-    """What must not change for answers of an interrupted run to be reused (the model's weights, not only its
-    path: a model trained again into the same folder answers differently)."""
+def _resume_key(benchmark: Any, model_dir: Any, llm: Any, settings: EvalSettings, limit: int | None,
+                features_dir: Any, slide_map: Any) -> dict[str, Any]:
+    """What must not change for answers of an interrupted run to be reused: the benchmark, the model (its
+    weights, not only its path: it may have been trained again into the same folder), the features and the
+    settings."""
     from slidechat.checkpoint import model_digest
 
     b = Path(benchmark)
     return {"benchmark": str(b.resolve()), "benchmark_mtime_ns": b.stat().st_mtime_ns,
             "model": str(Path(model_dir).resolve()), "model_weights": model_digest(model_dir),
             "llm": str(llm) if llm else None,
+            "features_dir": str(Path(features_dir).resolve()) if features_dir else None,
+            "features_mtime_ns": _newest_mtime_ns(features_dir),
+            "slide_map": str(Path(slide_map).resolve()) if slide_map else None,
+            "slide_map_mtime_ns": _newest_mtime_ns(slide_map),
             "max_new_tokens": settings.max_new_tokens, "answer_with_letter": settings.answer_with_letter,
             "greedy": settings.greedy, "caption_prompt": settings.caption_prompt, "limit": limit}
+
+
+def _newest_mtime_ns(path: Any) -> int | None:
+    """Newest modification time of a file, or of a folder and what it holds directly (a rewritten model
+    directory or a store added to a features folder changes it)."""
+    if not path or not Path(path).exists():
+        return None
+    p = Path(path)
+    return max([p.stat().st_mtime_ns] + ([c.stat().st_mtime_ns for c in p.iterdir()] if p.is_dir() else []))
 
 
 def _read_partial(path: Path, key: dict[str, Any], log: Callable[[str], None] | None) -> dict[str, dict[str, Any]]:

@@ -207,7 +207,10 @@ def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
     model = load_model_on(a.model, a.llm, a.device, a.dtype)
     device, dtype = model_device_dtype(model)
-    return model, load_slide_tensor(store, device, dtype, expected_dim=model.config.feature_dim)
+    feats = load_slide_tensor(store, device, dtype, feature_dim=model.config.feature_dim)
+    if feats.shape[0] == 0:
+        raise InputError(f"{store}: holds no patches (a slide without tissue); nothing to ask about")
+    return model, feats
 
 
 def _first_turn(question: str) -> str:

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from preprocessing.stores import FeatureStoreIndex, StoreError, count_patches, read_slide_map, slide_key
+from preprocessing.stores import (FeatureStoreIndex, SameFeatures, StoreError, count_patches, read_slide_map,
+                                  read_store_attrs, slide_id_of_store, slide_key, tcga_barcode)
 from slidechat.benchmarks_io import benchmark_slide_ids
 from slidechat.model_card import SYNTHETIC_KEY
 from slidechat.template import IMAGE_TOKEN
@@ -53,11 +54,13 @@ class InstructionSettings:
 
 
 def leak_key(slide_id: str, level: str = "slide") -> str:
-    """Key compared by the leakage guard: the slide key, or for `level="case"` the TCGA patient (first 12 chars)."""
+    """Key compared by the leakage guard: the slide key (for a TCGA slide its barcode, whatever follows it), or
+    for `level="case"` the TCGA patient (first 12 chars)."""
     key = slide_key(slide_id)
     if level == "case" and re.match(r"tcga-[a-z0-9]{2}-[a-z0-9]{4}", key):
         return key[:12]
-    return key
+    barcode = tcga_barcode(key)
+    return barcode.casefold() if barcode else key
 
 
 def validate_record(rec: Any) -> str | None:
@@ -155,7 +158,8 @@ def assemble(
 ) -> AssemblyReport:
     """Validate records, attach `slide_id` and `features` (store path) to each kept one; never raises per record.
 
-    Every store a record needs is checked once; damaged ones are listed in `damaged_stores`.
+    Every store a record needs is checked once; damaged ones are listed in `damaged_stores`. Stores made
+    differently (another encoder, checkpoint, transform or patch size) stop the assembly (`StoreError`).
     """
     leak = {leak_key(s, leakage_level) for s in (benchmark_ids or set())}
     report = AssemblyReport(n_input=len(records))
@@ -180,8 +184,18 @@ def assemble(
             found.append((rid, image, slide_id, store, rec))
     n_patches, damaged = _check_stores(store for *_, store, _ in found)
     report.damaged_stores = [{"store": str(p), "error": err} for p, err in damaged.items()]
+    same = SameFeatures()  # one training set: features of one extraction
+    attrs = {p: read_store_attrs(p) for p in sorted(n_patches)}
+    for p, a in attrs.items():
+        same.add(p, a)
     for rid, image, slide_id, store, rec in found:
         if store in damaged:
+            continue
+        # the store's own slide (its name, the id it records) is guarded too: a slide map may give an
+        # evaluation slide's store another name
+        if any(leak_key(s, leakage_level) in leak for s in (slide_id_of_store(store), attrs[store].get("slide_id"))
+               if s):
+            report.leakage.append({"id": rid, "slide_id": slide_id, "features": str(store)})
             continue
         if n_patches[store] == 0:
             report.no_patches.append({"id": rid, "slide_id": slide_id, "features": str(store)})

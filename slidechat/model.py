@@ -19,6 +19,7 @@ original checkpoints, so released weights load strictly without renaming.
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
@@ -40,6 +41,13 @@ __all__ = ["IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "SlideChat", "SlideChatConfig", 
 log = logging.getLogger(__name__)
 
 CONTEXTS = ("slide", "per_patch")
+
+
+# Sizes far beyond any SlideChat model: a config (or released state dict) outside them would build a model
+# without bound (a hostile slidechat_config.json with 100,000 layers hangs) before its weights are checked.
+_SIZE_LIMITS = {"feature_dim": (1, 1 << 14), "encoder_layers": (0, 64), "encoder_ffn_dim": (1, 1 << 16),
+                "encoder_heads": (1, 256), "max_patches_train": (1, 1 << 24), "max_patches_infer": (1, 1 << 24),
+                "visual_token_budget": (1, 1 << 24), "llm_hidden_size": (1, 1 << 16)}
 
 
 @dataclass
@@ -70,13 +78,15 @@ class SlideChatConfig:
     llm_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
+        for name, (low, high) in _SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                                      or not low <= value <= high):
+                raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+        if len(self.segment_lengths) > 64 or len(self.dilated_ratios) > 64:
+            raise ValueError("segment_lengths and dilated_ratios take at most 64 entries")
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
-        for name in ("max_patches_train", "max_patches_infer"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.visual_token_budget is not None and self.visual_token_budget < 1:
-            raise ValueError("visual_token_budget must be >= 1 or None")
         self.segment_lengths = [int(s) for s in self.segment_lengths]
         self.dilated_ratios = [int(r) for r in self.dilated_ratios]
 

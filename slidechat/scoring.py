@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from preprocessing.stores import slide_key
 from slidechat.benchmarks_io import (
     Benchmark,
     BenchItem,
@@ -29,6 +28,7 @@ from slidechat.benchmarks_io import (
     read_outputs_csv,
     skipped_in_outputs,
 )
+from slidechat.instructions import leak_key
 from wsicore.cli import command_parser
 from wsicore.errors import UsageError
 from wsicore.files import read_json, write_json
@@ -70,12 +70,13 @@ def extract_answer(text: str | None, options: dict[str, str]) -> str | None:
     if m:
         return canon(m.group(1))
     # 2. boxed
-    m = re.search(rf"\\boxed\{{\s*\(?\s*({alt})\s*\)?[\.\s]*\}}", s, re.IGNORECASE)
+    m = re.search(rf"\\boxed\{{\s*(?:\(\s*)?({alt})(?:\s*\))?[\.\s]*\}}", s, re.IGNORECASE)
     if m:
         return canon(m.group(1))
     # 3. explicit "answer is B" / "Answer: (B)" statements; then "option B". A bare letter must be upper
     #    case here, so that "answer: a poorly differentiated ..." is not read as A.
-    sep = r"(?i:\s*(?:is|would\s+be|should\s+be)?\s*[:\-]?\s*)[\*\"'`]*"
+    # each whitespace run is matched by one quantifier only: `\s*x?\s*` backtracks cubically on long runs
+    sep = r"(?i:\s*(?:(?:is|would\s+be|should\s+be)\s*)?(?:[:\-]\s*)?)[\*\"'`]*"
     for kw in (r"(?i:final\s+answer|correct\s+answer|answer)", r"(?i:correct\s+option|correct\s+choice|option|choice)"):
         for pat in (rf"{kw}{sep}\(\s*(?i:({alt}))\s*\)", rf"{kw}{sep}({alt})(?![\w-])"):
             m = re.search(pat, s, flags)
@@ -365,14 +366,14 @@ def training_slide_ids(path: str | os.PathLike) -> set[str]:
 
 
 def leakage_check(bench: Benchmark, train_manifests: Iterable[str | os.PathLike]) -> dict[str, Any]:
-    """Evaluation slides that also appear in training data (ids compared by `slide_key`; a warning is
-    printed by the callers)."""
+    """Evaluation slides that also appear in training data (ids compared as the leakage guard compares them,
+    `instructions.leak_key`; a warning is printed by the callers)."""
     manifests = [str(p) for p in train_manifests]
     train: set[str] = set()
     for p in manifests:
-        train |= {slide_key(s) for s in training_slide_ids(p)}
+        train |= {leak_key(s) for s in training_slide_ids(p)}
     eval_ids = set(bench.slide_ids())
-    overlap = sorted(s for s in eval_ids if slide_key(s) in train)
+    overlap = sorted(s for s in eval_ids if leak_key(s) in train)
     return {"checked": bool(manifests), "train_manifests": manifests, "n_eval_slides": len(eval_ids),
             "n_overlap": len(overlap), "slides": overlap,
             "n_questions_on_overlap": sum(it.slide_id in set(overlap) for it in bench.items)}

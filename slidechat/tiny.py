@@ -123,7 +123,7 @@ def build_tiny_llm(
         pad_token_id=ids["<|endoftext|>"],
         do_sample=False,
     )
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, replaces="config.json") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from wsicore.cli import command_parser
-from wsicore.files import atomic_path, input_file, jsonable, read_json, write_json
+from wsicore.files import atomic_path, check_replaceable, input_file, jsonable, read_json, write_json
 from wsicore.progress import Progress
 from wsicore.settings import add_arguments, from_arguments, setting
 from wsicore.errors import EXIT_DIVERGED, ConfigError, InputError, UsageError, UserError
@@ -129,6 +129,9 @@ class TrainConfig:
             if not getattr(c, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required")
         input_file(c.data, "training JSON (from `slidechat build-instructions`)", "--data")
+        from slidechat.checkpoint import CONFIG_FILE
+
+        check_replaceable(c.out, CONFIG_FILE)  # before hours of training, not when the model is written
         if c.stage == 1 and not c.llm and not c.init:
             raise UsageError("stage 1 needs --llm (a local Hugging Face LLM directory)")
         if c.stage == 2 and not c.init:
@@ -164,6 +167,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.features_dir = Path(features_dir) if features_dir else None
         self.max_length = max_length
+        self.feature_dim = feature_dim  # the model's: a store of another width is refused, naming it
         self._index: Any = None  # preprocessing.stores.FeatureStoreIndex, built on first use
         # Records repeat slides (many questions per slide): keep the last slides' features in memory, up to
         # cache_bytes (a 40k-patch slide of 512-d features is 80 MB).
@@ -202,7 +206,7 @@ class InstructionDataset(torch.utils.data.Dataset):
                          f"{self.features_dir or 'the record'}; run build-instructions against --features-dir")
 
     def load_features(self, rec: dict) -> torch.Tensor:
-        from preprocessing.stores import load_features
+        from preprocessing.stores import StoreError, load_features
         from slidechat.evaluate import check_feature_width
 
         path = self.store_path(rec)
@@ -210,6 +214,9 @@ class InstructionDataset(torch.utils.data.Dataset):
             self._cache.move_to_end(path)
             return self._cache[path]
         fs = load_features(path)
+        if len(fs) == 0:
+            raise StoreError(f"{path}: no patches (a slide without tissue) (record {rec.get('id')}); build the "
+                             "training JSON with `slidechat build-instructions`, which skips empty stores")
         check_feature_width(path, fs.features, fs.attrs, self.feature_dim)
         x = torch.from_numpy(np.ascontiguousarray(fs.features, np.float32))
         self._cache[path] = x
@@ -317,7 +324,8 @@ def _load_4bit_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
     from slidechat.model import SlideChat
 
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, quantization_config=quantization_config(),
-                                               local_files_only=True, dtype=torch.bfloat16)
+                                               local_files_only=True, dtype=torch.bfloat16,
+                                               use_safetensors=True)  # transformers never unpickles weights
     return SlideChat(llm, AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True), mcfg, llm_source=str(cfg.llm))
 
 
@@ -430,7 +438,7 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, optimizer: torc
                     scheduler: Any, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint-<step> atomically, then drop the oldest beyond `keep` (never the new one)."""
     final = work_dir / f"{CKPT_PREFIX}{step:08d}"
-    with atomic_path(final, is_dir=True) as tmp:
+    with atomic_path(final, is_dir=True, replaces="trainer_state.json") as tmp:
         torch.save(trainable_state(model), tmp / "trainable.pt")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "optim.pt")
@@ -444,20 +452,36 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, optimizer: torc
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     """Resume model, optimizer, scheduler and RNG from checkpoint-<step>; every file read as data only."""
     weights = read_torch_file(path / "trainable.pt", stubs=False)
+    if not isinstance(weights, dict):
+        raise TrainSetupError(f"{path / 'trainable.pt'}: not a dict of parameters (damaged); remove {path} to resume "
+                              "from the checkpoint before it, or the work dir to start over")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
+    unknown = [str(n) for n in weights if n not in params]
     if missing or unknown:
         raise TrainSetupError(f"checkpoint {path} does not hold this model's trainable parameters (missing e.g. "
                               f"{missing[:3]}, unknown e.g. {unknown[:3]}); was it written by a run with other "
                               "settings? Remove the work dir to start over.")
+    # copy_ would broadcast a tensor of another shape and cast another dtype: refuse what does not fit exactly
+    bad = [n for n, t in weights.items() if not isinstance(t, torch.Tensor) or t.shape != params[n].shape
+           or not t.is_floating_point() or not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainSetupError(f"{path / 'trainable.pt'}: parameter(s) {bad[:5]} are not finite floating-point tensors "
+                              f"of the model's shapes (damaged); remove {path} to resume from the checkpoint before "
+                              "it, or the work dir to start over")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
     other = read_torch_file(path / "optim.pt", stubs=False)
-    optimizer.load_state_dict(other["optimizer"])
-    scheduler.load_state_dict(other["scheduler"])
-    _set_rng_state(other["rng"], path / "optim.pt")
+    try:
+        optimizer.load_state_dict(other["optimizer"])
+        scheduler.load_state_dict(other["scheduler"])
+        rng = other["rng"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainSetupError(f"{path / 'optim.pt'}: not the optimizer state of this run ({type(e).__name__}: {e}); "
+                              f"remove {path} to resume from the checkpoint before it, or the work dir to start "
+                              "over") from e
+    _set_rng_state(rng, path / "optim.pt")
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -743,7 +767,11 @@ def resume(run: Run) -> int:
     """
     work_dir, rank = run.work_dir, run.rank
     ckpts = list_checkpoints(work_dir)
-    saved = json.loads((ckpts[-1] / "trainer_state.json").read_text()) if ckpts else None
+    try:
+        saved = json.loads((ckpts[-1] / "trainer_state.json").read_text()) if ckpts else None
+    except ValueError as e:  # a file cut by a full disk
+        raise TrainSetupError(f"{ckpts[-1] / 'trainer_state.json'}: not readable ({e}); remove {ckpts[-1]} to "
+                              "resume from the checkpoint before it") from e
     run.barrier()  # every rank has read the newest checkpoint before rank 0 moves anything
     if saved is None:
         return 0
@@ -929,7 +957,7 @@ def write_final(run: Run) -> None:
 
     from preprocessing.stores import read_store_attrs
     from slidechat import __version__
-    from slidechat.checkpoint import VISUAL_WEIGHTS_FILE, save_model
+    from slidechat.checkpoint import CONFIG_FILE, VISUAL_WEIGHTS_FILE, save_model
     from slidechat.model_card import training_card, write_model_card
     from slidechat.plots import plot_training_curves
 
@@ -944,7 +972,7 @@ def write_final(run: Run) -> None:
         gathered = contextlib.nullcontext()
     with gathered:
         if run.rank == 0:
-            with atomic_path(cfg.out, is_dir=True) as tmp:
+            with atomic_path(cfg.out, is_dir=True, replaces=CONFIG_FILE) as tmp:
                 # Stage 1 leaves the LLM as it was: save a reference to it, not a copy (stage 2 gets --llm again).
                 save_model(model, tmp, save_llm=cfg.stage != 1)
                 if visual is not None:  # the fp32 masters instead of the engine's 16-bit copies

@@ -162,7 +162,7 @@ def test_evaluate_resumes_an_interrupted_run(model, model_dir, bench_setup, tmp_
     settings = EvalSettings(max_new_tokens=4)
     out.mkdir()
     # what a run killed after its first slide leaves behind (the answer text marks it as reused)
-    lines = [{"resume_key": _resume_key(bench_csv, model_dir, None, settings, None)},
+    lines = [{"resume_key": _resume_key(bench_csv, model_dir, None, settings, None, feats, None)},
              {"qid": "100", "Output": "B. from the first run", "Prediction": "B", "Status": "ok",
               "MaxNewTokens": 4, "LetterInstruction": False},
              {"qid": "103", "Output": "", "Prediction": "", "Status": "no_features"}]
@@ -189,7 +189,7 @@ def test_answers_of_an_older_model_at_the_same_path_are_not_resumed(model, model
     here = shutil.copytree(model_dir, tmp_path / "stage2")
     out = tmp_path / "eval"
     out.mkdir()
-    lines = [{"resume_key": _resume_key(bench_csv, here, None, settings, None)},
+    lines = [{"resume_key": _resume_key(bench_csv, here, None, settings, None, feats, None)},
              {"qid": "100", "Output": "B. from the old model", "Prediction": "B", "Status": "ok",
               "MaxNewTokens": 4, "LetterInstruction": False}]
     (out / PARTIAL_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -199,6 +199,22 @@ def test_answers_of_an_older_model_at_the_same_path_are_not_resumed(model, model
     assert m["settings"]["n_resumed"] == 0
     df = pd.read_csv(out / "outputs.csv", keep_default_na=False)
     assert "old model" not in df.loc[df.ID == 100, "Output"].item()
+
+
+def test_answers_made_from_other_features_are_not_resumed(model, model_dir, bench_setup, tmp_path):
+    from slidechat.evaluate import PARTIAL_FILE, _resume_key
+
+    bench_csv, feats = bench_setup
+    settings = EvalSettings(max_new_tokens=4)
+    other_feats = tmp_path / "other-features"  # e.g. the first run was pointed at another encoder's stores
+    shutil.copytree(feats, other_feats)
+    out = tmp_path / "eval"
+    out.mkdir()
+    key = _resume_key(bench_csv, model_dir, None, settings, None, other_feats, None)
+    (out / PARTIAL_FILE).write_text(json.dumps({"resume_key": key}) + "\n" + json.dumps(
+        {"qid": "100", "Output": "B. from the first run", "Prediction": "B", "Status": "ok"}) + "\n")
+    m = evaluate(bench_csv, feats, model_dir, out, settings=settings, model=model, log=None)
+    assert m["settings"]["n_resumed"] == 0 and m["settings"]["n_generated"] == 5
 
 
 def test_slide_map_renames_and_relative_paths(tmp_path):

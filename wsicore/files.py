@@ -21,14 +21,31 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def check_replaceable(final: str | os.PathLike, marker: str | None) -> None:
+    """Refuse an output directory path that names something other than an empty folder or one holding
+    `marker` (what was written there before): a mistyped output path must not delete a user's folder."""
+    final = Path(final)
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_dir() and not final.is_symlink() and (
+            (marker is not None and (final / marker).is_file()) or not any(final.iterdir())):
+        return
+    kind = f"a folder holding {marker}" if marker else "an empty folder"
+    raise InputError(f"{final}: exists and is not {kind}; refusing to replace it, which would delete what it holds. "
+                     "Pass a new output path, or remove it yourself first")
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, is_dir: bool = False, replaces: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `final`; on success rename it to `final`.
 
     Works for files and directories (Zarr stores, model directories). On error the temporary path is
-    removed and `final` is left untouched.
+    removed and `final` is left untouched. An existing directory is replaced only when it is empty or holds
+    the file `replaces` (see `check_replaceable`).
     """
     final = Path(final)
+    if is_dir:
+        check_replaceable(final, replaces)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
     if is_dir:

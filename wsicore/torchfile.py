@@ -20,7 +20,10 @@ opcodes (pickletools: nothing is imported or run) and sorted:
 Torch's unpickler stays the enforcement: BUILD works only on instances of allowed classes (never on a
 class or function, so no gadget can set attributes for the rest of the process), REDUCE only on allowed
 callables, APPEND/SETITEM only on lists/dicts, and sparse tensors are checked for valid indices.
-Bare pickles, TorchScript archives and torch's pre-1.6 tar format are refused.
+Bare pickles, TorchScript archives and torch's pre-1.6 tar format are refused, and so are pickle bombs
+(a structure that expands from shared references, or nests deeper than any checkpoint: followed on the
+opcode stack, never built), zip archives whose entries were compressed by re-packing or fail their CRC
+check, and legacy-format files whose storages claim more bytes than the file holds.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import os
 import pickle
 import pickletools
+import reprlib
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
@@ -47,7 +51,8 @@ log = logging.getLogger(__name__)
 STUB_MODULES = ("mmengine", "xtuner", "deepspeed", "numpy")
 
 # What `torch.save` writes for tensors and plain containers (protocol 2): rebuild functions, storages,
-# dtypes, sizes, devices, layouts, OrderedDict and the builtins bytes/complex/set/bytearray go through.
+# dtypes, sizes, devices, layouts, OrderedDict and the builtins bytes/complex/set go through. Not bytearray:
+# `bytearray(N)` would fill N bytes from a few bytes of pickle, and no weight file needs it.
 _TORCH_FUNCTIONS = (
     "torch._utils._rebuild_tensor_v2",
     "torch._utils._rebuild_tensor_v3",
@@ -61,7 +66,6 @@ _TORCH_FUNCTIONS = (
     "collections.OrderedDict",
     "builtins.set",
     "builtins.complex",
-    "builtins.bytearray",
     "_codecs.encode",
 )
 ALLOWED_GLOBALS = frozenset(
@@ -74,6 +78,11 @@ ALLOWED_GLOBALS = frozenset(
 
 _TORCH_ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, storage keys
+# A pickle can reference one object many times (memo), so a few bytes can stand for a structure of 2**40
+# elements (hashing it as a dict key never ends) or nest a million levels deep (hashing it overflows the C
+# stack). Checkpoints are shallow and of about their own size; these bounds are far above any of them.
+MAX_PICKLE_ELEMENTS = 1 << 26
+MAX_PICKLE_DEPTH = 1000
 _WEIGHT_NESTING = ("module", "state_dict", "model")  # DeepSpeed, Lightning/timm, generic trainers
 
 
@@ -141,7 +150,10 @@ def read_torch_file(path: str | os.PathLike, *, stubs: bool = True,
     zip_format = _is_torch_zip(path)
     try:
         with torch.serialization.safe_globals(register):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+            obj = torch.load(path, map_location="cpu" if zip_format else _legacy_storages(path), weights_only=True,
+                             mmap=zip_format)
+    except InputError:
+        raise
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(f"{path}: refused by the weights-only unpickler: {_torch_reason(exc)}") from exc
     except Exception as exc:  # anything else is a damaged or foreign file, not a bug of ours
@@ -149,6 +161,25 @@ def read_torch_file(path: str | os.PathLike, *, stubs: bool = True,
     if stubbed:
         log.info("%s: kept %d framework object type(s) as inert stubs: %s", path, len(stubbed), ", ".join(stubbed))
     return obj
+
+
+def _legacy_storages(path: Path) -> Callable[[Any, str], Any]:
+    """`map_location` for a legacy-format file, called with each storage torch allocates at the size the
+    pickle claims, before the file's bytes are read into it: storages larger than the whole file are refused
+    (the claim is a lie: a few bytes would reserve gigabytes), and each is zeroed, so a storage the file does
+    not fill holds zeros, not whatever this process's memory held."""
+    size = path.stat().st_size
+    claimed = 0
+
+    def check(storage: Any, location: str) -> Any:
+        nonlocal claimed
+        claimed += storage.nbytes()
+        if claimed > size:
+            raise InputError(f"{path}: its pickle claims storages of {claimed:,} bytes or more in a file of {size} "
+                             "bytes (damaged or forged); not read")
+        return storage.fill_(0)
+
+    return check
 
 
 def _not_a_torch_file(path: Path, exc: BaseException) -> InputError:
@@ -172,7 +203,7 @@ def _pickle_globals(path: Path) -> set[str]:
     try:
         if not _is_torch_zip(path):  # legacy format: consecutive pickles, then raw storage bytes
             with open(path, "rb") as fh:
-                return _opcode_globals(fh, _LEGACY_PICKLES)
+                return _opcode_globals(fh, _LEGACY_PICKLES, path)
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
@@ -180,38 +211,104 @@ def _pickle_globals(path: Path) -> set[str]:
             pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
             if len(pickles) != 1 or len(set(names)) != len(names):
                 raise InputError(f"{path}: a zip file, but not one written by torch.save (no single data.pkl)")
-            return _opcode_globals(io.BytesIO(zf.read(pickles[0])), 1)
+            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if packed:  # torch.save stores; the memory-mapped read would take compressed bytes for the values
+                raise InputError(
+                    f"{path}: its entries are compressed ({_listing(packed, 3)}): the file was re-packed by a zip "
+                    "tool. Re-pack it without compression (zip -0) or save the weights again with torch.save")
+            damaged = zf.testzip()  # torch never checks the CRCs: a changed byte would load as a changed weight
+            if damaged is not None:
+                raise InputError(f"{path}: entry {damaged} fails its CRC check (the file changed after it was "
+                                 "written: a damaged copy or disk); copy or download it again")
+            return _opcode_globals(io.BytesIO(zf.read(pickles[0])), 1, path)
     except InputError:
         raise
     except Exception as exc:
         raise _not_a_torch_file(path, exc) from exc
 
 
-def _opcode_globals(fh: io.BufferedIOBase, max_pickles: int) -> set[str]:
-    """Globals named by up to `max_pickles` consecutive pickles of `fh` (GLOBAL, and best-effort STACK_GLOBAL)."""
+class _Value:
+    """What the opcode scan knows of one pickled value: the string it is (if any), its elements when fully
+    expanded (shared references counted every time) and its nesting depth."""
+
+    __slots__ = ("text", "elements", "depth")
+
+    def __init__(self, text: Any = None, elements: int = 1, depth: int = 1) -> None:
+        self.text, self.elements, self.depth = text, elements, depth
+
+
+# opcodes that add to the container below them (it stays on the stack as the same object)
+_FILLS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+
+
+def _stack_effect(op: pickletools.OpcodeInfo) -> tuple[bool, int, str]:
+    """(pops to a MARK, items popped below it or in all, what it pushes: "mark", "value" or "")."""
+    before, after = op.stack_before, op.stack_after
+    to_mark = pickletools.markobject in before
+    below = before.index(pickletools.markobject) if to_mark else len(before)
+    return to_mark, below, "mark" if after == [pickletools.markobject] else ("value" if after else "")
+
+
+_EFFECTS = {op.name: _stack_effect(op) for op in pickletools.opcodes}
+
+
+def _opcode_globals(fh: io.BufferedIOBase, max_pickles: int, path: Path) -> set[str]:
+    """Globals named by up to `max_pickles` consecutive pickles of `fh` (GLOBAL, and STACK_GLOBAL).
+
+    The pickle stack is followed symbolically (nothing is built): a value that would expand to more than
+    `MAX_PICKLE_ELEMENTS` elements or nest deeper than `MAX_PICKLE_DEPTH` refuses the file.
+    """
     found: set[str] = set()
     for _ in range(max_pickles):
         start = fh.tell()
         if not fh.read(1):
             break
         fh.seek(start)
-        recent: list[Any] = []  # values pushed lately, enough to name a STACK_GLOBAL's module and attribute
-        memo: dict[int, Any] = {}
+        stack: list[_Value] = []
+        marks: list[int] = []  # where each open MARK is on the stack
+        memo: dict[int, _Value] = {}
         for op, arg, _pos in pickletools.genops(fh):
-            if op.name == "GLOBAL":
-                module, name = arg.split(" ", 1)
-                found.add(_mapped(module, name))
-            elif op.name == "STACK_GLOBAL":  # never written by torch.save; torch refuses it, we name it
-                module, name = (recent[-2:] if len(recent) >= 2 else ["?", "?"])
-                found.add(_mapped(str(module), str(name)))
-            elif op.name in ("INST", "OBJ", "EXT1", "EXT2", "EXT4"):  # would build objects torch.save never writes
-                found.add(f"<pickle opcode {op.name}>")
-            elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-                memo[len(memo) if op.name == "MEMOIZE" else arg] = recent[-1] if recent else None
-            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                recent.append(memo.get(arg))
-            elif op.stack_after:
-                recent.append(arg if isinstance(arg, str) else None)
+            name = op.name
+            if name == "GLOBAL":
+                module, attr = arg.split(" ", 1)
+                found.add(_mapped(module, attr))
+            elif name in ("INST", "OBJ", "EXT1", "EXT2", "EXT4"):  # would build objects torch.save never writes
+                found.add(f"<pickle opcode {name}>")
+            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, _Value()))
+                continue
+            if name == "DUP":
+                stack.append(stack[-1])
+                continue
+            to_mark, below, pushes = _EFFECTS[name]
+            popped: list[_Value] = []
+            if to_mark:
+                mark = marks.pop()
+                popped, stack[mark:] = stack[mark:], []
+            if below:
+                popped, stack[-below:] = stack[-below:] + popped, []
+            if name == "STACK_GLOBAL":  # never written by torch.save; torch refuses it, we name it
+                found.add(_mapped(*(str(v.text) if v.text is not None else "?" for v in popped)))
+            if pushes == "mark":
+                marks.append(len(stack))
+            elif pushes:
+                if not popped:  # a scalar, string or empty container
+                    stack.append(_Value(arg if isinstance(arg, str) else None))
+                    continue
+                value, parts = (popped[0], popped[1:]) if name in _FILLS else (_Value(), popped)
+                for v in parts:
+                    value.elements += v.elements
+                    value.depth = max(value.depth, v.depth + 1)
+                if value.elements > MAX_PICKLE_ELEMENTS or value.depth > MAX_PICKLE_DEPTH:
+                    raise UnsafeFileError(
+                        f"{path}: refused: its pickle builds a structure "
+                        + (f"nested more than {MAX_PICKLE_DEPTH} levels deep" if value.depth > MAX_PICKLE_DEPTH
+                           else f"of more than {MAX_PICKLE_ELEMENTS:,} elements from references")
+                        + " (a pickle bomb: reading it would hang or crash; no checkpoint is built like this)")
+                stack.append(value)
     return found
 
 
@@ -293,7 +390,7 @@ def _find_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
                     f"{source}: the DeepSpeed `module` entry is empty (a ZeRO-3 checkpoint keeps its weights in the "
                     "optimizer shards); consolidate it with DeepSpeed's zero_to_fp32.py first"
                 )
-    top = sorted(map(str, obj))[:20] if isinstance(obj, dict) else type(obj).__name__
+    top = sorted(reprlib.repr(k) for k in obj)[:20] if isinstance(obj, dict) else type(obj).__name__
     raise InputError(
         f"{source}: no state dict of tensors found (the file itself, or under {', '.join(_WEIGHT_NESTING)}); "
         f"top level: {top}"
@@ -316,12 +413,16 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str,
     missing = sorted(k for k in expected.keys() - state.keys() if k not in skip)
     unexpected = sorted(state.keys() - expected.keys())
     common = sorted(expected.keys() & state.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in common
-              if tuple(state[k].shape) != tuple(expected[k].shape)]
+    bad_shape = [k for k in common if tuple(state[k].shape) != tuple(expected[k].shape)]
+    bad_dtype = [k for k in common if _dtype_kind(state[k]) != _dtype_kind(expected[k])
+                 or state[k].layout != torch.strided]
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in bad_shape]
     dtypes = [f"{k} {state[k].dtype}{'' if state[k].layout == torch.strided else ' ' + str(state[k].layout)} "
-              f"(model {expected[k].dtype})" for k in common
-              if _dtype_kind(state[k]) != _dtype_kind(expected[k]) or state[k].layout != torch.strided]
-    nonfinite = [k for k in common if _dtype_kind(state[k]) in ("float", "complex") and state[k].layout == torch.strided
+              f"(model {expected[k].dtype})" for k in bad_dtype]
+    # values are scanned only where shape and dtype fit the model: a tensor of another shape may be a huge
+    # stride-0 view of a few bytes, which scanning would materialise
+    fits = [k for k in common if k not in set(bad_shape) | set(bad_dtype)]
+    nonfinite = [k for k in fits if _dtype_kind(state[k]) in ("float", "complex")
                  and not bool(torch.isfinite(state[k]).all())]
     problems = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes),

@@ -27,6 +27,7 @@ from torch import nn
 from wsicore.errors import InputError
 from wsicore.files import sha256_file, write_json
 
+from .errors import UnknownEncoderError
 from .transforms import TRANSFORMS, Preprocess, TransformSpec, get_transform
 
 CHECKPOINT_CONFIG_KEY = "features.checkpoint"
@@ -210,8 +211,8 @@ def build_encoder(
         spec = get_transform(transform) if transform is not None else default_spec
     else:
         if name not in ENCODERS:
-            raise EncoderCheckpointError(f"unknown encoder {name!r}; choose one of {available_encoders()} "
-                                         "(option --encoder)", config_hint="features.encoder")
+            raise UnknownEncoderError(f"unknown encoder {name!r}; choose one of {available_encoders()} "
+                                      "(option --encoder)", config_hint="features.encoder")
         entry = ENCODERS[name]
         if ckpt is None and entry.needs_checkpoint and not allow_random:
             raise EncoderCheckpointError(

@@ -15,6 +15,7 @@ an error that names it. The file is read as data only (`wsicore.torchfile.read_s
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from wsicore.errors import InputError
 from wsicore.torchfile import load_strict, read_state_dict
 
 from .seeding import seeded
@@ -130,7 +132,17 @@ def load_conch_checkpoint(model: ConchVisionTower, path: str | Path) -> None:
     state = conch_visual_state_dict(read_state_dict(path))
     pos = state.get("trunk.pos_embed")
     if pos is not None and pos.ndim == 3 and pos.shape != model.trunk.pos_embed.shape:
-        # As the official loader does: the checkpoint's grid is interpolated to the model's grid.
+        # As the official loader does: the checkpoint's grid is interpolated to the model's grid, when it is
+        # one (a square of positions after the class token) of a plausible size, never gigabytes of one.
+        n, limit = pos.shape[1] - 1, 4 * max(model.trunk.patch_embed.grid_size)
+        side = math.isqrt(max(n, 0))
+        why = ("are not a square grid" if side * side != n or n == 0 else
+               f"form a {side} x {side} grid, more than {limit} per side" if side > limit else
+               f"have width {pos.shape[-1]}, the model {model.trunk.embed_dim}"
+               if pos.shape[-1] != model.trunk.embed_dim else None)
+        if why:
+            raise InputError(f"CONCH checkpoint {path}: trunk.pos_embed {tuple(pos.shape)} cannot be resampled to "
+                             f"this model's grid: its {n} positions after the class token {why}")
         state["trunk.pos_embed"] = resample_abs_pos_embed(
             pos, new_size=list(model.trunk.patch_embed.grid_size), num_prefix_tokens=1, interpolation="bilinear",
             antialias=False,

@@ -17,6 +17,7 @@ from torch import nn
 
 from wsicore.torchfile import load_strict, read_state_dict
 
+from .errors import UnknownEncoderError
 from .seeding import seeded
 from .transforms import TransformSpec
 
@@ -47,10 +48,14 @@ class TimmPooled(nn.Module):
 
     def __init__(self, model_name: str) -> None:
         super().__init__()
+        if ":" in model_name or "/" in model_name:  # hf-hub:..., local-dir:...: timm would fetch or read a config
+            raise UnknownEncoderError(f"encoder `timm:{model_name}`: only timm's own architectures are built by name "
+                                      "(e.g. timm:vit_base_patch16_224); hub and folder references are refused, as "
+                                      "nothing is downloaded at run time. Pass the weights with --checkpoint")
         try:
             self.net = timm.create_model(model_name, pretrained=False, num_classes=0)
         except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
-            raise ValueError(f"timm has no model {model_name!r} (encoder `timm:{model_name}`): {exc}") from exc
+            raise UnknownEncoderError(f"timm has no model {model_name!r} (encoder `timm:{model_name}`): {exc}") from exc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
