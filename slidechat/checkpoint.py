@@ -164,7 +164,8 @@ def _load_llm(path: Path, torch_dtype: torch.dtype | None) -> nn.Module:
         raise _not_an_llm(path, exc) from exc
     except ValueError as exc:  # an architecture transformers does not have (e.g. one that needs remote code)
         raise InputError(f"{path}: its model cannot be built by this transformers version, and code shipped with "
-                         f"a model is never run ({exc})") from exc
+                         f"a model is never run ({exc}); pass --llm DIR, a local Hugging Face causal LM directory",
+                         config_hint="set `llm.path`") from exc
     # transformers fills weights missing from the files with random values and only logs it
     problems = [f"{what} ({len(keys)}): {', '.join(map(str, sorted(keys)[:8]))}" for what, keys in
                 (("missing", info.get("missing_keys") or []), ("of another shape", info.get("mismatched_keys") or []))

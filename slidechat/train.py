@@ -129,9 +129,6 @@ class TrainConfig:
             if not getattr(c, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required")
         input_file(c.data, "training JSON (from `slidechat build-instructions`)", "--data")
-        from slidechat.checkpoint import CONFIG_FILE
-
-        check_replaceable(c.out, CONFIG_FILE)  # before hours of training, not when the model is written
         if c.stage == 1 and not c.llm and not c.init:
             raise UsageError("stage 1 needs --llm (a local Hugging Face LLM directory)")
         if c.stage == 2 and not c.init:
@@ -147,6 +144,9 @@ class TrainConfig:
             if not torch.cuda.is_available():
                 raise TrainSetupError("--load-in-4bit (bitsandbytes NF4) needs a CUDA GPU; this machine has none")
         c.betas = tuple(c.betas)  # type: ignore[assignment]
+        from slidechat.checkpoint import CONFIG_FILE
+
+        check_replaceable(c.out, CONFIG_FILE)  # before hours of training, not when the model is written
         return c
 
 

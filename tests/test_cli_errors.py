@@ -86,6 +86,7 @@ def _cases(p: dict[str, Path], slides: Path) -> list[tuple[str, list[str], list[
     r = p["root"]
     s = {k: str(v) for k, v in p.items()}
     out = str(r / "out")
+    train_out = str(r / "model-out")  # `out` is written by earlier cases; train refuses to replace it
     return [
         # slidechat score
         ("slidechat", ["score", "--benchmark", s["malformed"], "--outputs", s["outputs"], "--out", out],
@@ -149,15 +150,15 @@ def _cases(p: dict[str, Path], slides: Path) -> list[tuple[str, list[str], list[
         ("slidechat", ["evaluate", "--benchmark", s["bench"], "--features-dir", str(r / "absent_features"),
                        "--model", s["model"], "--out-dir", out], ["absent_features", "--features-dir"]),
         # slidechat train
-        ("slidechat", ["train", "--stage", "1", "--data", s["malformed"], "--llm", s["llm"], "--out", out,
+        ("slidechat", ["train", "--stage", "1", "--data", s["malformed"], "--llm", s["llm"], "--out", train_out,
                        "--work-dir", str(r / "work")], ["malformed.json", "--data"]),
-        ("slidechat", ["train", "--stage", "2", "--data", s["train_json"], "--out", out, "--work-dir",
+        ("slidechat", ["train", "--stage", "2", "--data", s["train_json"], "--out", train_out, "--work-dir",
                        str(r / "work")], ["--model"]),
-        ("slidechat", ["train", "--stage", "1", "--data", s["train_json"], "--llm", s["folder"], "--out", out,
+        ("slidechat", ["train", "--stage", "1", "--data", s["train_json"], "--llm", s["folder"], "--out", train_out,
                        "--work-dir", str(r / "work")], ["a_folder", "--llm"]),
         ("slidechat", ["train", "--stage", "1", "--config", s["yaml"], "--data", s["train_json"], "--llm", s["llm"],
-                       "--out", out, "--work-dir", str(r / "work")], ["train.yaml", "line 2", "--config"]),
-        ("slidechat", ["train", "--stage", "1", "--data", s["train_json"], "--llm", s["llm"], "--out", out,
+                       "--out", train_out, "--work-dir", str(r / "work")], ["train.yaml", "line 2", "--config"]),
+        ("slidechat", ["train", "--stage", "1", "--data", s["train_json"], "--llm", s["llm"], "--out", train_out,
                        "--work-dir", str(r / "work"), "--model-config", "{not json"], ["--model-config"]),
         ("slidechat", ["train", "--stage", "3"], ["--stage"]),
         # the rest of slidechat

@@ -149,7 +149,7 @@ def test_evaluate_refuses_stores_of_another_encoder_or_width(tiny_model, tmp_pat
     _store(wide / "S1.zarr", dim=16, encoder="conch_v1")  # 16-d features for a model of 8-d ones
     assert cli(argv + ["--features-dir", str(wide), "--out-dir", str(tmp_path / "e2")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"{wide / 'S1.zarr'}: 16-d features" in err and "8-d" in err
+    assert "Traceback" not in err and f"{wide / 'S1.zarr'} holds 16-d features" in err and "8-d" in err
 
 
 def test_training_data_naming_an_empty_or_wrong_width_store_fails_naming_it(tiny_llm, tmp_path):
@@ -168,7 +168,7 @@ def test_training_data_naming_an_empty_or_wrong_width_store_fails_naming_it(tiny
     assert data[0]["features"].shape == (50, 8)
     with pytest.raises(StoreError, match=rf"{empty}: .*no patches.*record EMPTY"):
         data[1]
-    with pytest.raises(StoreError, match=rf"{wide}: 16-d features.*8-d"):
+    with pytest.raises(StoreError, match=rf"{wide} holds 16-d features.*8-d"):
         data[2]
 
 

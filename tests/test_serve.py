@@ -531,19 +531,19 @@ def test_the_page_in_headless_chromium(served, live, browser, tmp_path):
     assert not severe, severe
 
 
-def test_chat_on_an_empty_or_damaged_store_is_a_422_naming_it(served, tmp_path, monkeypatch):
+def test_chat_on_an_empty_or_damaged_store_is_refused_naming_it(served, tmp_path, monkeypatch):
     from preprocessing.stores import write_zarr_store
     from wsicore.errors import InputError
 
     empty = write_zarr_store(tmp_path / "empty.zarr", np.zeros((0, 512), np.float32), np.zeros((0, 2), np.int64),
                              None, {"slide_id": "empty"})
-    with pytest.raises(InputError, match=rf"{empty}: holds no patches"):
+    with pytest.raises(InputError, match=r"empty.zarr has no tissue patches"):
         served.state.worker.slide(empty)
     wide = write_zarr_store(tmp_path / "wide.zarr", np.ones((3, 16), np.float32), np.arange(6).reshape(3, 2), None,
                             {"slide_id": "wide"})
-    with pytest.raises(InputError, match=rf"{wide}: 16-d features"):
+    with pytest.raises(InputError, match=rf"{wide} holds 16-d features"):
         served.state.worker.slide(wide)
     # through the page: the slide's problem is answered as one, not as a server error
     monkeypatch.setattr(served.state.worker, "answer", lambda *a: served.state.worker.slide(empty))
     r = served.client.post("/api/slides/ready-1/chat", json={"question": QUESTION})
-    assert r.status_code == 422 and f"{empty}: holds no patches" in r.json()["detail"]
+    assert r.status_code == 409 and "empty.zarr has no tissue patches" in r.json()["detail"]
