@@ -16,8 +16,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# The browser test of `slidechat serve` needs Chromium and its driver (Debian packages); installed where this
+# machine allows it, otherwise that one test is skipped with the reason.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { timeout 600 apt-get install -y -q chromium chromium-driver || \
+	    { timeout 600 apt-get update -q && timeout 600 apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 || \
+	  echo "make test: could not install chromium + chromium-driver; the browser test of slidechat serve will be skipped"
 	touch $@
 
 demo: $(VENV)/.installed
