@@ -57,7 +57,7 @@ class SegmentationParams:
              "with much pale stroma splits stroma from epithelium instead of tissue from glass")
     min_saturation: int = setting(15, minimum=0, maximum=255,
                                   help="floor under the Otsu threshold, so blank glass yields no tissue")
-    median_kernel: int = setting(5, minimum=1, help="median blur of the saturation (odd, px)")
+    median_kernel: int = setting(5, minimum=1, odd=True, help="median blur of the saturation (odd, px)")
     close_kernel: int = setting(4, minimum=0, help="morphological closing kernel side (px); 0 = none")
     min_tissue_area_um2: float = setting(
         2_000.0, minimum=0, help="tissue regions smaller than this (net of holes) are dropped (unit: area_unit)")

@@ -288,6 +288,24 @@ def test_bad_config_value_is_a_clear_error(tmp_path):
     assert "['tiling']['min_tissue_fraction']" in out and "2 is greater than the maximum of 1" in out
 
 
+def test_even_kernel_is_refused_as_a_flag_and_at_config_load(tmp_path):
+    """median_kernel must be odd (cv2.medianBlur): refused by the flag, by the schema and so before any job."""
+    from preprocessing.tissue import SegmentationParams
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    settings.add_arguments(parser, SegmentationParams)
+    assert settings.given(SegmentationParams, parser.parse_args(["--median-kernel", "7"])) == {"median_kernel": 7}
+    with pytest.raises(argparse.ArgumentError, match="even"):
+        parser.parse_args(["--median-kernel", "4"])
+    cfg = demo_config()
+    cfg["segmentation"]["median_kernel"] = 4
+    res = snakemake("-n", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)),
+                    "--config", f"results_dir={tmp_path}")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "['segmentation']['median_kernel']" in out
+    assert "rule " not in out  # refused at load: no job was planned
+
+
 # ------------------------------------------------------------------------------------------ DAG and targets
 
 
@@ -382,6 +400,22 @@ def test_slides_discovered_from_folder_and_sample_sheet(tmp_path):
     sheet.write_text(f"slide_id,path\ngone,{slides / 'missing.svs'}\n")
     res = snakemake("-n", "tile", "--configfile", str(path))
     assert res.returncode != 0 and "slide gone: path" in res.stdout + res.stderr
+
+
+def test_broken_link_in_slides_dir_is_skipped_with_a_warning(tmp_path):
+    """One dangling link or a folder named like a slide must not stop the cohort: skipped, and named."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "good.svs").write_bytes(b"x")
+    (slides / "gone.svs").symlink_to(tmp_path / "nowhere.svs")
+    (slides / "folder.svs").mkdir()
+    cfg = {"results_dir": str(tmp_path / "results"), "slides": {"dir": str(slides)},
+           "features": {"encoder": "conch_tiny"}}
+    res = snakemake("-n", "tile", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert sorted(set(re.findall(r"wildcards: slide=(\S+)", res.stdout))) == ["good"]
+    assert f"skipping {slides / 'gone.svs'}" in out and f"skipping {slides / 'folder.svs'}" in out
 
 
 # -------------------------------------------------------------------------------------------- real jobs

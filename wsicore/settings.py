@@ -5,6 +5,7 @@ Each field carries its type, its default and `metadata` (write it with `setting(
 
     help               one line for --help and the schema's description (required)
     choices            allowed values
+    odd=True           an odd integer (kernel sizes that must have a centre pixel)
     minimum, maximum, exclusive_minimum, exclusive_maximum    numeric bounds
     key                config key and flag name when they differ from the field name (fmt -> format)
     flag               the flag when it differs from --key (`features.checkpoint` is --encoder-checkpoint)
@@ -45,7 +46,7 @@ from wsicore.files import write_text
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 _BOUNDS = {"minimum": "minimum", "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum",
            "exclusive_maximum": "exclusiveMaximum"}
-_METADATA_KEYS = {"help", "choices", "key", "flag", "aliases", "config", "cli", *_BOUNDS}
+_METADATA_KEYS = {"help", "choices", "key", "flag", "aliases", "config", "cli", "odd", *_BOUNDS}
 
 
 def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING, **metadata: Any) -> Any:
@@ -74,6 +75,7 @@ class Option:
     cli: bool
     flag: str
     aliases: tuple[str, ...] = ()
+    odd: bool = False
 
 
 def _unwrap(annotation: Any, where: str) -> tuple[type, bool, int | None, tuple | None]:
@@ -131,7 +133,7 @@ def options(cls: type) -> tuple[Option, ...]:
             choices=tuple(meta["choices"]) if meta.get("choices") is not None else literal,
             bounds=tuple((k, meta[k]) for k in _BOUNDS if k in meta), config=meta.get("config", True),
             cli=meta.get("cli", True), flag=meta.get("flag") or _default_flag(meta.get("key", f.name)),
-            aliases=tuple(meta.get("aliases", ())),
+            aliases=tuple(meta.get("aliases", ())), odd=bool(meta.get("odd", False)),
         ))
     return tuple(out)
 
@@ -162,6 +164,8 @@ class _Value:
                   "exclusive_maximum": value < bound}[name]
             if not ok:
                 raise argparse.ArgumentTypeError(f"{text} is out of range ({name.replace('_', ' ')} {bound})")
+        if self.option.odd and value % 2 == 0:
+            raise argparse.ArgumentTypeError(f"{text} is even; it must be an odd number")
         return value
 
 
@@ -216,6 +220,8 @@ def _property(opt: Option) -> dict[str, Any]:
     if opt.choices is not None:
         item["enum"] = list(opt.choices)
     item.update({_BOUNDS[name]: bound for name, bound in opt.bounds})
+    if opt.odd:
+        item["not"] = {"multipleOf": 2}
     if opt.length is not None:
         item = {"type": "array", "items": item}
         if opt.length >= 0:

@@ -105,7 +105,7 @@ def _sample_sheet_slides(sheet):
 
 
 def _discovered_slides(folder, extensions):
-    found = {}
+    found, skipped = {}, []
     for ext in extensions:
         for variant in sorted({ext.lower(), ext.upper()}):
             for slide_id in glob_wildcards(
@@ -113,11 +113,20 @@ def _discovered_slides(folder, extensions):
             ).slide_id:
                 path = f"{folder}/{slide_id}.{variant}"
                 _check_file_name(path)
+                if not Path(path).is_file():
+                    # a dangling link or a folder with a slide's name: one slide must not stop the cohort
+                    skipped.append(path)
+                    continue
                 if slide_id in found and found[slide_id] != path:
                     raise ValueError(
                         f"slide id {slide_id!r} is ambiguous: {found[slide_id]} and {path}"
                     )
                 found[slide_id] = path
+    for path in skipped:
+        logger.warning(
+            f"slides.dir: skipping {path}: not a readable file (a broken link or a folder); "
+            "fix or remove it to include that slide"
+        )
     return dict(sorted(found.items()))
 
 
