@@ -221,15 +221,30 @@ PROVENANCE_KEYS = ("encoder", "checkpoint_sha256", "transform", "target_mpp", "p
 
 
 class SameFeatures:
-    """Checks that stores were made the same way (`PROVENANCE_KEYS`, as far as both record them)."""
+    """Checks that stores were made the same way (`PROVENANCE_KEYS`, as far as both record them), and, given
+    `trained_on` (a model directory and the provenance its model card records), the way the model's training
+    stores were made."""
 
-    def __init__(self) -> None:
+    def __init__(self, trained_on: tuple[str | Path, dict] | None = None) -> None:
         self.first: tuple[Path, dict] | None = None
+        self.model: tuple[str, dict] | None = None
+        if trained_on is not None:
+            made = {k: trained_on[1][k] for k in PROVENANCE_KEYS if trained_on[1].get(k) is not None}
+            self.model = (str(trained_on[0]), made) if made else None
 
     def add(self, store: Path, attrs: dict) -> None:
         made = {k: attrs[k] for k in PROVENANCE_KEYS if attrs.get(k) is not None}
         if not made:  # another tool's store records nothing
             return
+        if self.model is not None:
+            model_dir, ref = self.model
+            keys = [k for k in made if k in ref and made[k] != ref[k]]
+            if keys:
+                raise StoreError(
+                    f"{store}: made with {', '.join(f'{k} {made[k]!r}' for k in keys)}, but the model {model_dir} "
+                    f"was trained on features made with {', '.join(f'{k} {ref[k]!r}' for k in keys)} (its "
+                    "model_card.json); its answers on these features would be meaningless: evaluate on stores "
+                    "extracted as its training stores were")
         if self.first is None:
             self.first = (store, made)
             return

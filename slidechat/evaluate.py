@@ -35,6 +35,7 @@ from slidechat.benchmarks_io import (
     load_benchmark,
     write_outputs_csv,
 )
+from slidechat.model_card import trained_on_features
 from slidechat.scoring import extract_answer, load_judge, score_outputs, summary_lines, warn_leakage
 from slidechat.template import IMAGE_TOKEN
 
@@ -161,7 +162,8 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
                            log: Callable[[str], None] | None = print,
                            done: dict[str, dict[str, Any]] | None = None,
                            on_slide_done: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-                           progress: Progress | None = None) -> GenerationResult:
+                           progress: Progress | None = None,
+                           trained_on: tuple[str, dict] | None = None) -> GenerationResult:
     """Answer every item of `bench`; slides without a feature store, or whose store holds no patches (no
     tissue), are skipped and listed.
 
@@ -170,14 +172,15 @@ def generate_for_benchmark(model, bench: Benchmark, finder: FeatureStoreIndex, s
     re-encodes its slide (the slow reference path measured by ``benchmarks/bench_eval_reuse.py``).
     `done` holds answers from an interrupted run (their questions are not asked again); `on_slide_done`
     receives each slide's new answers as soon as they exist (for the resumable partial file); `progress`
-    counts the questions answered (a line per slide instead of the log's).
+    counts the questions answered (a line per slide instead of the log's); `trained_on` (model directory, its
+    card's feature provenance) refuses stores made otherwise than the model's training stores.
     """
     import torch
 
     from preprocessing.stores import SameFeatures, read_store_attrs
 
     device, dtype = model_device_dtype(model)
-    same = SameFeatures()  # one evaluation: features of one extraction
+    same = SameFeatures(trained_on)  # one evaluation: features of one extraction, the one the model learnt on
     by_slide: OrderedDict[str, list[BenchItem]] = OrderedDict()
     for it in bench.items:
         by_slide.setdefault(it.slide_id, []).append(it)
@@ -284,7 +287,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
     with Progress(len(bench.items), f"evaluation {bench.name}", "question", initial=n_done,
                   enabled=log is not None) as progress:
         gen = generate_for_benchmark(model, bench, finder, settings, log=log, done=done, on_slide_done=append,
-                                     progress=progress)
+                                     progress=progress, trained_on=trained_on_features(model_dir))
     wall = time.perf_counter() - t0
     write_outputs_csv(out / "outputs.csv", bench, gen.outputs, extra_columns=OUTPUT_EXTRA_COLUMNS)
     raw = {q: (v["Output"] if v.get("Status") == "ok" else None) for q, v in gen.outputs.items()}

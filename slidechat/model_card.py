@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from preprocessing.stores import PROVENANCE_KEYS
 from wsicore.files import write_json, write_text
 
 CARD_JSON = "model_card.json"
@@ -46,7 +47,8 @@ def training_card(stage: int, data: str, records: list[dict], settings: dict[str
             "instruction_sources": inputs,  # from build-instructions' manifest: files, sha256, record counts
         },
         "synthetic_demo": n_synthetic > 0 or bool(parent and parent.get("synthetic_demo")),
-        "features": {k: store_attrs.get(k) for k in ("encoder", "transform", "target_mpp", "patch_size")},
+        # how its stores were made: `ask` preprocesses new slides this way, `evaluate` refuses other stores
+        "features": {k: store_attrs.get(k) for k in PROVENANCE_KEYS},
         "optimizer_steps": steps,
         "epochs": settings.get("epochs"),
         "learning_rate": settings.get("lr"),
@@ -104,6 +106,13 @@ def read_model_card(model_dir: str | os.PathLike | None) -> dict[str, Any] | Non
     except (OSError, ValueError):
         return None
     return card if isinstance(card, dict) else None
+
+
+def trained_on_features(model_dir: str | os.PathLike | None) -> tuple[str, dict[str, Any]] | None:
+    """(model_dir, how its training stores were made) from its card; None without a card (released weights)."""
+    card = read_model_card(model_dir)
+    features = card.get("features") if card else None
+    return (str(model_dir), features) if isinstance(features, dict) else None
 
 
 def demo_notice(model_dir: str | os.PathLike | None) -> str | None:

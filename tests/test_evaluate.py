@@ -263,3 +263,27 @@ def test_damaged_store_is_refused_by_evaluate(model_dir, bench_setup, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and f"{copy / 'SLIDE-A.zarr'}: damaged feature store of slide SLIDE-A: coords rows 0..39 differ" in err
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_stores_made_otherwise_than_the_training_stores_are_refused(model, model_dir, bench_setup, tmp_path, capsys):
+    """A model card records how the training stores were made; evaluating on other features is refused, naming
+    the store, the model and the differing key (a same-width encoder swap would otherwise score silently)."""
+    from slidechat.model_card import CARD_JSON
+
+    bench_csv, feats = bench_setup
+    card_dir = tmp_path / "model"
+    shutil.copytree(model_dir, card_dir)
+    card = {"stage": 2, "synthetic_demo": False, "features": {"encoder": "conch_v1", "transform": None,
+                                                               "target_mpp": 0.5, "patch_size": 224}}
+    (card_dir / CARD_JSON).write_text(json.dumps(card))
+    rc = cli(["evaluate", "--benchmark", str(bench_csv), "--features-dir", str(feats), "--model", str(card_dir),
+              "--out-dir", str(tmp_path / "e"), "--max-new-tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "encoder 'conch_tiny'" in err and f"the model {card_dir}" in err and "encoder 'conch_v1'" in err
+    assert not (tmp_path / "e" / "metrics.json").exists()
+    # the card of a model trained on these stores lets them through (keys the stores do not record are not compared)
+    card["features"]["encoder"] = "conch_tiny"
+    (card_dir / CARD_JSON).write_text(json.dumps(card))
+    m = evaluate(bench_csv, feats, card_dir, tmp_path / "ok", settings=EvalSettings(max_new_tokens=2), model=model,
+                 log=None)
+    assert m["n_answered"] == 5

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.stores import write_h5_store, write_zarr_store
+from preprocessing.stores import PROVENANCE_KEYS, read_store_attrs, write_h5_store, write_zarr_store
 from slidechat import train as T
 from slidechat.cli import main as cli
 from slidechat.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -385,6 +385,9 @@ def test_cli_run_with_curves(env: dict[str, Path], capsys: pytest.CaptureFixture
     card = json.loads((env["root"] / "cli" / "model" / "model_card.json").read_text())
     assert card["stage"] == 1 and card["optimizer_steps"] == 2 and card["trained_on"]["records"] == 4
     assert card["synthetic_demo"] is False and card["base_llm"] == str(env["llm"])
+    # how the training stores were made, so evaluation can refuse features made otherwise
+    store_attrs = read_store_attrs(next(p for p in env["features"].iterdir() if p.suffix in (".zarr", ".h5")))
+    assert card["features"] == {k: store_attrs.get(k) for k in PROVENANCE_KEYS} and card["features"]["encoder"]
     assert "stage 1" in (env["root"] / "cli" / "model" / "MODEL_CARD.md").read_text()
     meta = json.loads((env["root"] / "cli" / "model" / "slidechat_config.json").read_text())
     assert meta["config"]["max_patches_train"] == 10 and meta["llm_format"] == "base"
