@@ -8,6 +8,7 @@ appearance (colour, nuclear density and size, glands, fibres); nothing in the fi
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -148,15 +149,14 @@ def _nuclei(X: np.ndarray, Y: np.ndarray, app: Appearance, seed: int) -> np.ndar
     return present & (d2 < app.nucleus_radius**2)
 
 
-_NOISE_CACHE: dict[int, np.ndarray] = {}
+@functools.cache
+def _noise_field(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 4.0, (512, 512)).astype(np.float32)
 
 
 def _add_noise(img: np.ndarray, seed: int, x0: float, y0: float, ds: float) -> np.ndarray:
     """Sensor-like noise from one cached 512² field, offset by position (cheap for huge slides)."""
-    field = _NOISE_CACHE.get(seed)
-    if field is None:
-        field = np.random.default_rng(seed).normal(0.0, 4.0, (512, 512)).astype(np.float32)
-        _NOISE_CACHE[seed] = field
+    field = _noise_field(seed)
     h, w = img.shape[:2]
     oy, ox = int(y0 / ds) % 512, int(x0 / ds) % 512
     rows = (np.arange(h) + oy) % 512

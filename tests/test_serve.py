@@ -32,10 +32,7 @@ from slidechat.checkpoint import new_model, save_model  # noqa: E402
 from slidechat.cli import main as cli  # noqa: E402
 from slidechat.model import SlideChatConfig  # noqa: E402
 from slidechat.serve.app import bind_socket, build_parser, build_state, create_app  # noqa: E402
-from slidechat.tiny import build_tiny_llm  # noqa: E402
 
-CORPUS = ["Which tissue type is shown in this whole slide image?", "Adenocarcinoma. Lymphoid tissue. Fibrous stroma.",
-          "The slide shows dense sheets of small lymphocytes.", "Is there necrosis?"] * 4
 QUESTION = "Which tissue type is shown in this whole slide image?"
 FEATURE_SET = "conch_tiny-slidechat-0.5um-224px"
 SECRET = "do-not-serve-this-file"
@@ -43,7 +40,7 @@ SIZE = 2048  # level-0 px at 0.25 µm/px: a 4 x 4 grid of 224 px patches at 0.5 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, tiny_llm):
     """Slides (one preprocessed into a results folder, three not), a tiny model, the state and the app."""
     root = tmp_path_factory.mktemp("serve")
     slides = root / "slides"
@@ -61,7 +58,7 @@ def served(tmp_path_factory):
     extract_slide(slides / "ready-1.svs", coords, results / "features" / FEATURE_SET, encoder="conch_tiny",
                   transform="slidechat", num_workers=0)
 
-    llm = build_tiny_llm(root / "llm", CORPUS, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+    llm = tiny_llm
     torch.manual_seed(0)
     cfg = SlideChatConfig(encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4, segment_lengths=[16, 32],
                           dilated_ratios=[1, 2])

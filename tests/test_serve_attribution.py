@@ -17,15 +17,12 @@ from slidechat.checkpoint import new_model
 from slidechat.model import SlideChatConfig
 from slidechat.serve.attribution import answer_log_prob, display_heat, heat_share, patch_attribution
 from slidechat.template import tokenize_conversation
-from slidechat.tiny import build_tiny_llm
 
 CLASSES = {"adenocarcinoma": "Adenocarcinoma.", "lymphoid": "Lymphoid tissue.", "stroma": "Fibrous stroma."}
 QUESTION = "Which tissue type is shown in this whole slide image?"
-CORPUS = [QUESTION, *CLASSES.values(), "Is there necrosis?"] * 4
 
 
-def tiny_model(tmp_path, **config):
-    llm = build_tiny_llm(tmp_path / "llm", CORPUS, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+def tiny_model(llm, **config):
     torch.manual_seed(0)
     cfg = SlideChatConfig(encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4, segment_lengths=[64, 128],
                           dilated_ratios=[1, 2], dropout=0.0, drop_path_rate=0.0, **config)
@@ -33,8 +30,8 @@ def tiny_model(tmp_path, **config):
 
 
 @pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("attr"))
+def random_model(tiny_llm):
+    return tiny_model(tiny_llm)
 
 
 def test_heat_adds_up_to_the_change_from_the_baseline(random_model):
@@ -50,12 +47,12 @@ def test_heat_adds_up_to_the_change_from_the_baseline(random_model):
     assert heat.sum() == pytest.approx(gap, rel=0.05, abs=1e-3)
 
 
-def test_patches_dropped_by_the_cap_get_no_heat_and_the_model_is_left_as_it_was(tmp_path):
-    model = tiny_model(tmp_path, max_patches_infer=8)
+def test_patches_dropped_by_the_cap_get_no_heat_and_the_model_is_left_as_it_was(tiny_llm):
+    model = tiny_model(tiny_llm, max_patches_infer=8)
     flags = [p.requires_grad for p in model.parameters()]
     x = torch.randn(20, 512, generator=torch.Generator().manual_seed(2))
     heat = patch_attribution(model, x, QUESTION, "Fibrous stroma.", steps=2)
-    kept = np.linspace(0, 19, 8, dtype=int)  # slidechat.model.select_patches
+    kept = np.linspace(0, 19, 8, dtype=int)  # slidechat.model.patch_cap_indices
     dropped = np.setdiff1d(np.arange(20), kept)
     assert np.all(heat[dropped] == 0) and np.any(heat[kept] != 0)
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -81,9 +78,9 @@ def class_slide(prototypes: torch.Tensor, labels: list[int], gen: torch.Generato
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_llm):
     """A tiny SlideChat trained to name the class of one-class slides of prototype features."""
-    model = tiny_model(tmp_path_factory.mktemp("trained"))
+    model = tiny_model(tiny_llm)
     gen = torch.Generator().manual_seed(0)
     prototypes = torch.randn(3, 512, generator=gen) + 0.5 * torch.randn(1, 512, generator=gen)  # shared part too
     answers = list(CLASSES.values())

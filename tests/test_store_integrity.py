@@ -64,12 +64,10 @@ def test_coords_without_identity_are_checked_by_size(cmu_small: Path, tcga_jp2k_
         check_coords_slide(attrs, ws, old)
 
 
-def test_damaged_store_is_refused_by_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_damaged_store_is_refused_by_train(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_llm: Path) -> None:
     from slidechat.cli import main as slidechat_cli
-    from slidechat.tiny import build_tiny_llm
 
-    llm = build_tiny_llm(tmp_path / "llm", ["Describe the slide.", "Glands."] * 4, vocab_size=200, hidden_size=16,
-                         num_layers=1, num_heads=2)
+    llm = tiny_llm
     feats = tmp_path / "features"
     rng = np.random.default_rng(0)
     store = write_zarr_store(feats / "s0.zarr", rng.normal(size=(10, 16)), np.arange(20).reshape(10, 2), None,
