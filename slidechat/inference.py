@@ -193,7 +193,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     """(model, features tensor) for the parsed arguments."""
+    from preprocessing.stores import SameFeatures, read_store_attrs
     from slidechat.evaluate import check_model_paths, load_model_on, load_slide_tensor, model_device_dtype
+    from slidechat.model_card import trained_on_features
 
     if not a.model:
         raise UsageError(f"no model given: pass --model DIR (or set ${MODEL_ENV})")
@@ -205,6 +207,8 @@ def _load(a: argparse.Namespace, log) -> tuple[Any, Any]:
     if notice:
         log(notice)
     store = Path(a.features) if a.features else prepare_slide(a.slide, fs, a.work_dir, a.mpp, log=log)
+    # features made otherwise than the model's training stores (another encoder, checkpoint, mpp) are refused
+    SameFeatures(trained_on_features(a.model)).add(store, read_store_attrs(store))
     model = load_model_on(a.model, a.llm, a.device, a.dtype)
     device, dtype = model_device_dtype(model)
     feats = load_slide_tensor(store, device, dtype, feature_dim=model.config.feature_dim)

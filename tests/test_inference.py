@@ -146,3 +146,36 @@ def test_model_feature_config_falls_back_to_the_training_stores(tmp_path):
     (model / "training_config.json").write_text(json.dumps({"data": str(data), "features_dir": None}))
     assert model_feature_config(model) == {"feature_encoder": "conch_tiny", "feature_transform": "slidechat",
                                            "feature_target_mpp": 0.5, "feature_patch_size": 224}
+
+
+def test_ask_on_a_given_store_with_old_flag_names_says_demo_and_refuses_other_features(model_dir, cmu_small,
+                                                                                          tmp_path, capsys):
+    """`--checkpoint`/`--seg-preset` still work (hidden); a demo-trained model says so; a store made with another
+    encoder than the model's training stores (its model card) is refused, naming both."""
+    import shutil
+
+    import numpy as np
+
+    from preprocessing.stores import write_zarr_store
+    from slidechat.model_card import CARD_JSON
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    card = {"stage": 2, "synthetic_demo": True,
+            "features": {"encoder": "conch_tiny", "target_mpp": 0.5, "patch_size": 224}}
+    (model / CARD_JSON).write_text(json.dumps(card))
+    rng = np.random.default_rng(0)
+    coords = np.stack([np.arange(30) * 224, np.zeros(30, np.int64)], 1)
+    attrs = {"slide_id": "S", "encoder": "conch_tiny", "target_mpp": 0.5, "patch_size": 224}
+    good = write_zarr_store(tmp_path / "good" / "S.zarr", rng.normal(size=(30, 512)), coords, None, attrs)
+    other = write_zarr_store(tmp_path / "other" / "S.zarr", rng.normal(size=(30, 512)), coords, None,
+                             {**attrs, "encoder": "uni_v1"})
+    argv = ["ask", "--slide", str(cmu_small), "--question", "What tissue is shown?", "--checkpoint", str(model),
+            "--seg-preset", "clam", "--max-new-tokens", "3", "--device", "cpu", "--features"]
+    assert cli(argv + [str(good)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "trained on the synthetic demo data" in out.err
+    assert cli(argv + [str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"{other}: made with encoder 'uni_v1'" in err and f"the model {model}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
