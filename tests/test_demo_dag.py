@@ -111,10 +111,10 @@ def test_rerun_is_a_no_op_and_changed_rule_code_does_not_retrain(demo_run, tmp_p
     assert res.returncode == 0 and {"train_stage1", "train_stage2"} <= jobs_of(res), res.stdout[-3000:]
 
 
-@pytest.mark.parametrize("change", ["exclude_benchmarks", "slide_map", "leakage_level"])
+@pytest.mark.parametrize("change", ["exclude_benchmarks", "benchmarks", "slide_map", "leakage_level"])
 def test_leakage_guard_inputs_rebuild_the_instructions_and_retrain(demo_run, tmp_path, change):
-    """Under the default profile's mtime trigger, adding a benchmark to exclude (an old file), a slide map or
-    another leakage level rebuilds the training instructions and retrains. (The dry run records the changed
+    """Under the default profile's mtime trigger, adding a benchmark to exclude or to evaluate (an old file), a
+    slide map or another leakage level rebuilds the training instructions and retrains. (The dry run records the changed
     inputs, after which the instructions are out of date: later tests run targets upstream of them.)"""
     root, results, cfg_path, _ = demo_run
     cfg = yaml.safe_load(cfg_path.read_text())
@@ -123,6 +123,8 @@ def test_leakage_guard_inputs_rebuild_the_instructions_and_retrain(demo_run, tmp
     os.utime(old, (0, 0))  # older than every output: only the changed set of inputs can trigger a rebuild
     if change == "exclude_benchmarks":
         cfg["instructions"]["exclude_benchmarks"] = [str(old)]
+    elif change == "benchmarks":  # a benchmark to evaluate keeps its slides out of training too
+        cfg["evaluation"]["benchmarks"] = {"second": str(old)}
     elif change == "slide_map":
         cfg["instructions"]["slide_map"] = str(old)
     else:
