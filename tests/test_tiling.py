@@ -302,8 +302,8 @@ def test_preset_reproduces_the_tools_own_coordinates(request, tmp_path, referenc
     coords, attrs = load_coords(tile_slide(request.getfixturevalue(slide_fixture), tmp_path, preset=preset, mpp=mpp,
                                            **overrides))
     assert len(coords) == len(expected)
-    common = set(map(tuple, coords.tolist())) & set(map(tuple, expected.tolist()))
-    assert len(common) >= 0.99 * len(expected)
+    # the issue asks for >= 99% of the coordinates; we match them all, in the tool's order (the README says so)
+    np.testing.assert_array_equal(coords, expected)
     assert attrs["tiling_rule"] == preset
     if len(coords):
         assert attrs["patch_size_level0"] == (224 if mpp is None else 448)
