@@ -139,7 +139,7 @@ def test_evaluate_writes_outputs_metrics_and_reports(model, model_dir, bench_set
         m["accuracy"], m["accuracy_answered"], m["n_skipped_no_features"], m["unparsable"])
 
 
-def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path):
+def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path, capsys):
     bench_csv, feats = bench_setup
     slide_map = tmp_path / "map.csv"
     pd.DataFrame({"Slide": ["slide-missing"], "features": [str(feats / "SLIDE-A.zarr")]}).to_csv(slide_map, index=False)
@@ -147,6 +147,11 @@ def test_evaluate_cli_with_slide_map(model_dir, bench_setup, tmp_path):
               "--out-dir", str(tmp_path / "e"), "--slide-map", str(slide_map), "--max-new-tokens", "3",
               "--answer-with-letter", "--device", "cpu"])
     assert rc == 0
+    # progress in a log (no terminal): a line per slide with questions done/total, and the last one says done
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("evaluation bench: question ")]
+    assert len(lines) == 3 and "question 3/6 (50%), slide SLIDE-A" in lines[0] and "ETA" in lines[0], err
+    assert "question 5/6" in lines[1] and "question 6/6 (100%)" in lines[2] and "done in" in lines[2]
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n_skipped_no_features"] == 0 and m["n_answered"] == 6
     assert m["settings"]["answer_with_letter_instruction"] is True
