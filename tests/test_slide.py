@@ -236,3 +236,17 @@ def test_segmentation_image_size_is_bounded(cmu_small):
     with WholeSlide(cmu_small) as ws:
         with pytest.raises(UnusualSlideError, match="Mpx limit"):
             segment_slide_object(ws, make_params(seg_mpp=0.05))
+
+
+def test_reading_a_large_slide_says_how_far_it_is(cmu_small, capsys):
+    """Segmentation reads a huge slide piecewise for minutes: progress lines name the slide, level and pieces
+    (plain lines when no terminal is attached), and the picture is that of the one-piece read."""
+    with WholeSlide(cmu_small) as ws:
+        whole = ws.thumbnail_at_mpp(2.0)
+        assert capsys.readouterr().err == ""  # one piece: nothing to report
+        pieces = ws.thumbnail_at_mpp(2.0, piece=256)
+    err = capsys.readouterr().err
+    assert f"slide {ws.slide_id}: reading level 0 for 2 µm/px: piece " in err and "done in" in err, err
+    assert "\r" not in err
+    # the same picture: each piece is resized on its own (rounding moves pixels by a grey level), none misplaced
+    assert pieces.shape == whole.shape and np.abs(pieces.astype(int) - whole.astype(int)).mean() < 1.5
