@@ -502,3 +502,62 @@ def test_precision_and_memory_format(synth, tmp_path):
     assert c.attrs["precision"] == "bf16"
     rel = np.linalg.norm(c.features - reference) / np.linalg.norm(reference)
     assert 0 < rel < 0.05
+
+
+@pytest.fixture(scope="module")
+def cmu_coords(cmu_small, tmp_path_factory) -> Path:
+    return tile_slide(cmu_small, tmp_path_factory.mktemp("cmu_tiles"))
+
+
+def _edited_coords(src: Path, dst: Path, coords=None, attrs: dict | None = None) -> Path:
+    """A copy of coords file `src` with its coords dataset replaced and/or attributes changed (None deletes)."""
+    with h5py.File(src, "r") as f:
+        data = f["coords"][:] if coords is None else coords(f["coords"][:])
+        old = dict(f["coords"].attrs)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(dst, "w") as g:
+        d = g.create_dataset("coords", data=data)
+        for k, v in {**old, **(attrs or {})}.items():
+            if v is not None:
+                d.attrs[k] = v
+    return dst
+
+
+HOSTILE_COORDS = {
+    # a coords file that is not what tiling writes: refused naming the file, never read as something else
+    "three_columns": (lambda c: np.zeros((10, 3), np.int64), {}, "(N, 2)"),
+    "strings": (lambda c: np.array([b"a", b"b"]), {}, "not numbers"),
+    "nan": (lambda c: np.where(np.arange(len(c))[:, None] == 0, np.nan, c.astype(float)), {}, "finite"),
+    "fractional": (lambda c: c.astype(float) + 0.5, {}, "whole"),
+    "patch_size_0": (None, {"patch_size": 0}, "patch_size"),
+    "patch_size_text": (None, {"patch_size": "abc"}, "patch_size"),
+    "read_size_0": (None, {"read_size": 0}, "read_size"),
+    "read_size_negative": (None, {"read_size": -5}, "read_size"),
+    "read_size_huge": (None, {"read_size": 200_000, "patch_size": 200_000}, "read_size"),
+    "downsample_0": (None, {"read_downsample_xy": np.array([0.0, 0.0])}, "downsample"),
+    "downsample_nan": (None, {"read_downsample_xy": np.array([np.nan, np.nan])}, "downsample"),
+    # attributes that do not fit the slide they were paired with
+    "level_5": (None, {"read_level": 5, "patch_level": 5}, "level 5"),
+    "downsample_wrong": (None, {"read_downsample_xy": np.array([2.0, 2.0])}, "downsample"),
+    "outside": (lambda c: c + np.array([100_000, 0]), {}, "outside"),
+    "negative": (lambda c: c - np.array([5_000, 0]), {}, "outside"),
+    "int_overflow": (lambda c: np.full((3, 2), 2**62, np.int64), {}, "outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_COORDS))
+def test_hostile_coords_files_are_one_line_errors_before_anything_is_written(case, cmu_small, cmu_coords, tmp_path,
+                                                                             capsys):
+    from preprocessing.__main__ import main as dispatch
+
+    edit, attrs, needle = HOSTILE_COORDS[case]
+    bad = _edited_coords(cmu_coords, tmp_path / case / cmu_coords.name, edit, attrs)
+    out = tmp_path / "feats"
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(bad), "--encoder", "conch_tiny",
+                   "--out", str(out), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert str(bad) in lines[0] and needle in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir()), "a store was started from a coords file that was refused"
+
