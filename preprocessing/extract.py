@@ -65,7 +65,7 @@ from preprocessing.stores import (
 )
 from wsicore.cli import command_parser
 from wsicore.errors import ConfigError, InputError, UsageError
-from wsicore.files import input_file, jsonable
+from wsicore.files import input_file, jsonable, output_folder
 from wsicore.settings import add_arguments, from_arguments, setting
 
 log = logging.getLogger("preprocessing.extract")
@@ -187,9 +187,7 @@ def read_coords(path: str | Path) -> PatchPlan:
     """The coords file (tiling contract) as a plan: coords plus the geometry needed to read the patches."""
     from preprocessing.tiling import load_coords
 
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"coords file not found: {path}")
+    path = input_file(path, "coords file", "--coords")
     coords, attrs = load_coords(path)
 
     def number(keys: tuple[str, ...], kind: type, default: Any = None) -> Any:
@@ -631,8 +629,7 @@ def extract_slides(
     opts = options or ExtractOptions(**kwargs)
     if options is not None and kwargs:
         raise TypeError("pass either options or keyword settings, not both")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir, "--out")
     slide_jobs = [j if isinstance(j, SlideJob) else SlideJob(Path(j[0]), Path(j[1]), j[2] if len(j) > 2 else None)
                   for j in jobs]
     if encoder is None:

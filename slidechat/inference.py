@@ -27,7 +27,7 @@ from slidechat.model_card import demo_notice
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
 from wsicore.errors import InputError, UsageError
-from wsicore.files import input_file, write_json
+from wsicore.files import input_file, output_folder, write_json
 
 DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
 MODEL_ENV = "SLIDECHAT_MODEL"  # the default of --model (SLIDECHAT_CHECKPOINT, its earlier name, is read too)
@@ -96,7 +96,7 @@ def _features_from_training(model_dir: Path) -> dict[str, Any]:
 def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:
     """Per-slide cache folder; a `source.json` guards against two different slides with the same name."""
     base = Path(work_dir) if work_dir else DEFAULT_CACHE / slide.stem
-    base.mkdir(parents=True, exist_ok=True)
+    output_folder(base, "--work-dir", "cache folder")
     st = slide.stat()
     source = {"path": str(slide.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     marker = base / "source.json"

@@ -561,3 +561,23 @@ def test_hostile_coords_files_are_one_line_errors_before_anything_is_written(cas
     assert str(bad) in lines[0] and needle in lines[0], lines[0]
     assert not out.exists() or not any(out.iterdir()), "a store was started from a coords file that was refused"
 
+
+def test_out_that_is_a_file_is_a_one_line_error(cmu_small, cmu_coords, tmp_path, capsys):
+    from preprocessing.__main__ import main as dispatch
+
+    not_a_dir = tmp_path / "features.txt"
+    not_a_dir.write_text("mine\n")
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(cmu_coords), "--encoder", "conch_tiny",
+                   "--out", str(not_a_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "features.txt" in err and "--out" in err, err
+    assert not_a_dir.read_text() == "mine\n"
+
+
+def test_a_folder_given_as_coords_file_is_named_as_a_folder(cmu_small, cmu_coords, tmp_path, capsys):
+    from preprocessing.__main__ import main as dispatch
+
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(cmu_coords.parent), "--encoder", "conch_tiny",
+                   "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "folder" in err and "--coords" in err and "not found" not in err, err
