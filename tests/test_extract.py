@@ -581,3 +581,36 @@ def test_a_folder_given_as_coords_file_is_named_as_a_folder(cmu_small, cmu_coord
                    "--out", str(tmp_path / "f")])
     err = capsys.readouterr().err
     assert rc == 2 and "folder" in err and "--coords" in err and "not found" not in err, err
+
+
+def test_reader_processes_leave_no_traceback_and_no_shared_memory(cmu_small, cmu_coords, tmp_path):
+    """Readers attach to the batch ring the main process created; the resource tracker they share with it must
+    not be told twice that the segment is gone (it printed a KeyError traceback after every run with readers)."""
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    res = subprocess.run([sys.executable, "-m", "preprocessing", "extract", "--slide", str(cmu_small), "--coords",
+                          str(cmu_coords), "--encoder", "conch_tiny", "--out", str(tmp_path / "f"), "--num-workers", "2"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "KeyError" not in res.stderr, res.stderr
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not [n for n in after - before if n.startswith("psm_")], "a batch ring was left in /dev/shm"
+    # SIGKILL of the main process alone: the tracker it shares with the readers unlinks the ring
+    proc = subprocess.Popen([sys.executable, "-m", "preprocessing", "extract", "--slide", str(cmu_small), "--coords",
+                             str(cmu_coords), "--encoder", "conch_tiny", "--out", str(tmp_path / "k"), "--num-workers",
+                             "2", "--batch-size", "1", "--chunk-rows", "1"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    progress = tmp_path / "k" / ".CMU-1-Small-Region.zarr.partial.zarr" / ".progress"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            progress.is_dir() and any(p.name.isdigit() for p in progress.iterdir())):
+        time.sleep(0.05)
+    assert proc.poll() is None, "extraction ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("psm_")]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"batch ring {left} left in /dev/shm after the main process was killed"
