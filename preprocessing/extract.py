@@ -243,6 +243,24 @@ def check_plan_fits_slide(plan: PatchPlan, ws: WholeSlide, coords_path: str | Pa
                          f"at row {i}; pass the slide the coords were made from, or re-run tiling")
 
 
+def check_mpp_override(plan: PatchPlan, job: SlideJob) -> None:
+    """An --mpp that differs from the level-0 µm/px the coords were tiled at cannot be honoured (the coords fix
+    where and how large each patch is); refuse it rather than record it beside the coords' own value."""
+    recorded = plan.coords_attrs.get("mpp_level0_xy", plan.coords_attrs.get("mpp_level0"))
+    if job.mpp is None or recorded is None:
+        return
+    try:
+        values = [float(v) for v in np.ravel(recorded)]
+    except (TypeError, ValueError):
+        return
+    if values and all(math.isfinite(v) and v > 0 for v in values) and \
+            any(abs(job.mpp - v) > 1e-3 * v for v in values):
+        raise ConfigError(
+            f"--mpp {job.mpp:g} for slide {plan.slide_id}, but {job.coords} was tiled at {values[0]:g} µm/px at level 0; "
+            f"the coords fix the patch geometry, so re-run tiling with --mpp {job.mpp:g}, or leave --mpp out",
+            config_hint="tiling and extraction take the slide's µm/px from the same `mpp_overrides:` entry")
+
+
 def plan_regions(coords: np.ndarray, rows: np.ndarray, downsample_xy: tuple[float, float], read_size: int,
                  region_px: int) -> list[np.ndarray]:
     """Group the patches `rows` into square blocks of about `region_px` read-level pixels.
@@ -648,6 +666,7 @@ def extract_slides(
         with WholeSlide(job.slide) as ws:  # coords of another slide would name a store after it
             check_coords_slide(plan.coords_attrs, ws, job.coords)
             check_plan_fits_slide(plan, ws, job.coords)
+        check_mpp_override(plan, job)
         if opts.preset == "trident":
             plan = with_trident_geometry(plan, job)
         final = store_path(out_dir, plan.slide_id, opts.fmt)

@@ -614,3 +614,16 @@ def test_reader_processes_leave_no_traceback_and_no_shared_memory(cmu_small, cmu
             break
         time.sleep(0.5)
     assert not left, f"batch ring {left} left in /dev/shm after the main process was killed"
+
+
+def test_an_mpp_override_that_contradicts_the_coords_is_refused_not_just_recorded(cmu_small, cmu_coords, tmp_path,
+                                                                                    capsys):
+    """The coords fix the geometry (tiled at the slide's 0.499 µm/px): a different --mpp at extraction cannot be
+    honoured, and recording it in the store beside mpp_level0 0.499 would make the store contradict itself."""
+    from preprocessing.__main__ import main as dispatch
+
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(cmu_coords), "--encoder", "conch_tiny",
+                   "--out", str(tmp_path / "f"), "--mpp", "0.25"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "--mpp" in err and str(cmu_coords) in err and "0.499" in err, err
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
