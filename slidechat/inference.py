@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,15 @@ def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:
     return base
 
 
+def mpp_cache_suffix(mpp: float | None) -> str:
+    """What an --mpp override adds to the names of a slide's cache folders (`segmentation-at0.25mpp`, ...): it
+    changes the segmentation and the patch geometry, so its outputs are cached apart."""
+    return f"-at{mpp:g}mpp" if mpp else ""
+
+
+MPP_CACHE_SUFFIX = re.compile(r"-at[0-9.e+-]+mpp$")
+
+
 def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir: str | os.PathLike | None = None,
                   mpp: float | None = None, log=print) -> Path:
     """Segment, tile and extract one slide (each step reused when its output is already cached); returns
@@ -125,11 +135,12 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
 
     slide = input_file(slide, "slide", "--slide")
     cache = _slide_cache_dir(slide, work_dir)
-    seg_dir = cache / "segmentation"
+    at_mpp = mpp_cache_suffix(mpp)
+    seg_dir = cache / f"segmentation{at_mpp}"
     if not segmentation_paths(seg_dir, slide.stem)["mask"].exists():
         log(f"segmenting {slide.name} ...")
         segment_slide(slide, seg_dir, preset=settings.seg_preset, mpp=mpp)
-    tile_dir = cache / f"tiles-{settings.target_mpp:g}mpp-{settings.patch_size}px-{settings.min_tissue_fraction:g}"
+    tile_dir = cache / f"tiles-{settings.target_mpp:g}mpp-{settings.patch_size}px-{settings.min_tissue_fraction:g}{at_mpp}"
     coords = tile_dir / f"{slide.stem}.h5"
     if not coords.exists():
         log("tiling ...")

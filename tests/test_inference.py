@@ -146,3 +146,17 @@ def test_model_feature_config_falls_back_to_the_training_stores(tmp_path):
     (model / "training_config.json").write_text(json.dumps({"data": str(data), "features_dir": None}))
     assert model_feature_config(model) == {"feature_encoder": "conch_tiny", "feature_transform": "slidechat",
                                            "feature_target_mpp": 0.5, "feature_patch_size": 224}
+
+
+def test_the_slide_cache_is_keyed_by_the_mpp_override(cmu_small, tmp_path):
+    """`ask --mpp X` after a run without it (or with another value) must not reuse patches tiled at the other
+    µm/px: the cached coords fix the geometry, and reusing them answered at the wrong scale."""
+    from preprocessing.stores import load_features
+    from slidechat.inference import FeatureSettings, prepare_slide
+
+    fs = FeatureSettings(encoder="conch_tiny")
+    first = load_features(prepare_slide(cmu_small, fs, tmp_path, log=lambda m: None)).attrs
+    second = load_features(prepare_slide(cmu_small, fs, tmp_path, mpp=0.45, log=lambda m: None)).attrs
+    assert first["mpp_level0"] == pytest.approx(0.499) and first["mpp_override"] is None
+    assert second["mpp_level0"] == pytest.approx(0.45) and second["mpp_override"] == pytest.approx(0.45)
+    assert second["n_patches"] != first["n_patches"]
