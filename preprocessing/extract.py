@@ -65,7 +65,7 @@ from preprocessing.stores import (
 )
 from wsicore.cli import command_parser
 from wsicore.errors import ConfigError, InputError, UsageError
-from wsicore.files import input_file, jsonable
+from wsicore.files import input_file, jsonable, output_folder
 from wsicore.settings import add_arguments, from_arguments, setting
 
 log = logging.getLogger("preprocessing.extract")
@@ -75,6 +75,12 @@ IDENTITY_KEYS = (
     "encoder", "encoder_config", "feature_dim", "checkpoint_sha256", "seed", "transform", "transform_spec",
     "dtype", "precision", "coords_sha256", "preset",
 )
+# No tiling reads or feeds a patch side beyond this (1024 px at 5 µm/px from a 0.25 µm/px level is 20,480 px
+# of level 0, read at a coarser level); a coords file claiming more is damaged, not a bigger patch.
+MAX_PATCH_PX = 16_384
+# A recorded read-level downsample may differ this much (relative) from the slide's exact one (rounding in
+# CLAM's and older files); more means the coords describe another pyramid.
+DOWNSAMPLE_TOLERANCE = 0.01
 PRESETS = tuple(r for r in PIXEL_RULES if r != "nearest")  # "clam", "trident"
 PRECISIONS = ("fp32", "bf16")
 MEMORY_FORMATS = ("channels_last", "contiguous")
@@ -181,23 +187,78 @@ def read_coords(path: str | Path) -> PatchPlan:
     """The coords file (tiling contract) as a plan: coords plus the geometry needed to read the patches."""
     from preprocessing.tiling import load_coords
 
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"coords file not found: {path}")
+    path = input_file(path, "coords file", "--coords")
     coords, attrs = load_coords(path)
-    try:
-        level = int(attrs.get("read_level", attrs.get("patch_level")))
-        patch_size = int(attrs["patch_size"])
-        read_size = int(attrs.get("read_size", patch_size))
-        ds = attrs.get("read_downsample_xy", attrs.get("downsample", (1.0, 1.0)))
-        ds_xy = (float(np.ravel(ds)[0]), float(np.ravel(ds)[-1]))
-    except (KeyError, TypeError) as exc:
-        raise StoreError(f"{path}: coords attributes incomplete ({exc}); re-run tiling") from exc
+
+    def number(keys: tuple[str, ...], kind: type, default: Any = None) -> Any:
+        key = next((k for k in keys if k in attrs), None)
+        if key is None and default is None:
+            raise StoreError(f"{path}: coords attribute {keys[0]} is missing; re-run tiling")
+        value = attrs[key] if key is not None else default
+        try:
+            values = [kind(v) for v in np.ravel(value)]
+            if not values or not all(math.isfinite(v) for v in values):
+                raise ValueError(value)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{path}: coords attribute {key} is {value!r}, not a number; re-run tiling") from exc
+        return values
+
+    level = number(("read_level", "patch_level"), int)[0]
+    patch_size = number(("patch_size",), int)[0]
+    read_size = number(("read_size",), int, patch_size)[0]
+    ds = number(("read_downsample_xy", "downsample"), float, (1.0, 1.0))
+    ds_xy = (ds[0], ds[-1])
+    for name, value in (("patch_size", patch_size), ("read_size", read_size)):
+        if not 1 <= value <= MAX_PATCH_PX:
+            raise StoreError(f"{path}: coords attribute {name} is {value}; a patch side must be 1 to {MAX_PATCH_PX} "
+                             f"px. Re-run tiling")
+    if level < 0 or not all(d > 0 for d in ds_xy):
+        raise StoreError(f"{path}: coords attributes read level {level}, downsample {ds_xy} are not a pyramid level "
+                         f"(level >= 0, downsample > 0); re-run tiling")
     slide_id = str(attrs.get("slide_id") or path.stem)
     if Path(slide_id).name != slide_id or slide_id in (".", ".."):  # the store is named after it
         raise StoreError(f"{path}: records slide_id {slide_id!r}, which is not a file name; a store named after it "
                          "would be written outside the output folder. Re-run tiling for this slide")
     return PatchPlan(slide_id, coords, jsonable(attrs), level, read_size, patch_size, ds_xy)
+
+
+def check_plan_fits_slide(plan: PatchPlan, ws: WholeSlide, coords_path: str | Path) -> None:
+    """Refuse a plan the slide cannot serve: a read level it lacks, a downsample that is not that level's, or
+    patch corners outside level 0 (they would be read as background and give features of nothing)."""
+    if plan.read_level >= ws.level_count:
+        raise StoreError(f"{coords_path}: records read level {plan.read_level}, but slide {ws.slide_id} ({ws.path}) "
+                         f"has levels 0-{ws.level_count - 1}; pass the slide the coords were made from, or re-run tiling")
+    exact = ws.level_downsample_xy(plan.read_level)
+    if any(abs(r - e) > DOWNSAMPLE_TOLERANCE * e for r, e in zip(plan.downsample_xy, exact)):
+        raise StoreError(f"{coords_path}: records downsample {plan.downsample_xy[0]:.4g} x {plan.downsample_xy[1]:.4g} "
+                         f"for read level {plan.read_level}, but that level of slide {ws.slide_id} has "
+                         f"{exact[0]:.4g} x {exact[1]:.4g}; re-run tiling for this slide")
+    w0, h0 = ws.dimensions
+    xy = plan.coords
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w0) | (xy[:, 1] >= h0)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise StoreError(f"{coords_path}: {int(outside.sum())} of {len(xy)} patch corners lie outside slide "
+                         f"{ws.slide_id} ({w0} x {h0} px at level 0), the first ({int(xy[i, 0])}, {int(xy[i, 1])}) "
+                         f"at row {i}; pass the slide the coords were made from, or re-run tiling")
+
+
+def check_mpp_override(plan: PatchPlan, job: SlideJob) -> None:
+    """An --mpp that differs from the level-0 µm/px the coords were tiled at cannot be honoured (the coords fix
+    where and how large each patch is); refuse it rather than record it beside the coords' own value."""
+    recorded = plan.coords_attrs.get("mpp_level0_xy", plan.coords_attrs.get("mpp_level0"))
+    if job.mpp is None or recorded is None:
+        return
+    try:
+        values = [float(v) for v in np.ravel(recorded)]
+    except (TypeError, ValueError):
+        return
+    if values and all(math.isfinite(v) and v > 0 for v in values) and \
+            any(abs(job.mpp - v) > 1e-3 * v for v in values):
+        raise ConfigError(
+            f"--mpp {job.mpp:g} for slide {plan.slide_id}, but {job.coords} was tiled at {values[0]:g} µm/px at level 0; "
+            f"the coords fix the patch geometry, so re-run tiling with --mpp {job.mpp:g}, or leave --mpp out",
+            config_hint="tiling and extraction take the slide's µm/px from the same `mpp_overrides:` entry")
 
 
 def plan_regions(coords: np.ndarray, rows: np.ndarray, downsample_xy: tuple[float, float], read_size: int,
@@ -586,8 +647,7 @@ def extract_slides(
     opts = options or ExtractOptions(**kwargs)
     if options is not None and kwargs:
         raise TypeError("pass either options or keyword settings, not both")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir, "--out")
     slide_jobs = [j if isinstance(j, SlideJob) else SlideJob(Path(j[0]), Path(j[1]), j[2] if len(j) > 2 else None)
                   for j in jobs]
     if encoder is None:
@@ -605,6 +665,8 @@ def extract_slides(
         plan = read_coords(job.coords)
         with WholeSlide(job.slide) as ws:  # coords of another slide would name a store after it
             check_coords_slide(plan.coords_attrs, ws, job.coords)
+            check_plan_fits_slide(plan, ws, job.coords)
+        check_mpp_override(plan, job)
         if opts.preset == "trident":
             plan = with_trident_geometry(plan, job)
         final = store_path(out_dir, plan.slide_id, opts.fmt)

@@ -29,7 +29,6 @@ import queue
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import cv2
@@ -64,10 +63,11 @@ class PatchRing:
             self.shm = SharedMemory(create=True, size=-(-int(np.prod(shape)) // mmap.PAGESIZE) * mmap.PAGESIZE)
             PatchRing._created[self.shm.name] = self
         else:
+            # Python < 3.13 registers an attached segment with the resource tracker too. Readers start from
+            # the fork server, which shares the creator's tracker: there the second registration is a no-op,
+            # and unregistering it (as an own tracker would need) made the tracker print a KeyError traceback
+            # when the creator unlinked the segment, and lose it if the creator was killed first.
             self.shm = SharedMemory(name=name)
-            # Python < 3.13 registers an attached segment with the resource tracker as if this process
-            # owned it, and the tracker would unlink it when the reader exits: the creator owns it.
-            resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]
         self.array = np.ndarray(shape, np.uint8, buffer=self.shm.buf)
 
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 
 from wsicore.cli import command_parser
-from wsicore.files import atomic_path
+from wsicore.files import atomic_path, output_folder
 
 BACKGROUND = np.array([243, 243, 241], np.float32)
 CLASSES = ("adenocarcinoma", "lymphoid", "stroma")
@@ -236,8 +236,7 @@ def make_demo_slides(
     Slide ids are neutral (`demo-000`, ...) and classes are interleaved, so neither names nor order reveal
     the class. Returns the labels file.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir, "--out")
     rows, jobs = [], []
     for slide_id, class_name, split, slide_seed in _demo_plan(train_per_class, test_per_class, seed, classes):
         path = out_dir / f"{slide_id}.svs"

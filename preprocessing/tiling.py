@@ -335,8 +335,22 @@ def load_coords(h5_path: str | Path) -> tuple[np.ndarray, dict]:
     with f:
         if "coords" not in f:
             raise InputError(f"{h5_path}: no `coords` dataset (not a coordinates file)")
-        coords = f["coords"][:].astype(np.int64).reshape(-1, 2)
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f["coords"].attrs.items()}
+        dset = f["coords"]
+        if not isinstance(dset, h5py.Dataset) or dset.dtype.kind not in "iuf":
+            raise InputError(f"{h5_path}: `coords` holds {getattr(dset, 'dtype', 'a group')}, not numbers (not a coordinates "
+                             f"file); run tiling again")
+        if dset.size and (dset.ndim != 2 or dset.shape[1] != 2):
+            raise InputError(f"{h5_path}: `coords` has shape {dset.shape}, not (N, 2) level-0 x, y pairs "
+                             f"(not a coordinates file); run tiling again")
+        raw = dset[:]
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dset.attrs.items()}
+    if raw.dtype.kind == "f":  # CLAM, TRIDENT and we write integers; a float that is not one is never rounded
+        if not np.isfinite(raw).all():
+            raise InputError(f"{h5_path}: `coords` holds values that are not finite numbers (NaN or inf); "
+                             f"run tiling again")
+        if (raw != np.round(raw)).any() or np.abs(raw).max(initial=0) >= 2**62:
+            raise InputError(f"{h5_path}: `coords` holds values that are not whole level-0 pixels; run tiling again")
+    coords = raw.astype(np.int64).reshape(-1, 2)
     for key in ("status", "slide_id", "name", "software"):
         if isinstance(attrs.get(key), bytes):
             attrs[key] = attrs[key].decode()

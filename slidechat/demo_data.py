@@ -24,7 +24,7 @@ from slidechat.model_card import SYNTHETIC_KEY
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
-from wsicore.files import atomic_path, input_file, write_json, write_text
+from wsicore.files import atomic_path, input_file, output_folder, write_json, write_text
 
 LETTERS = "ABCD"
 
@@ -154,8 +154,7 @@ def make_demo_instructions(
 ) -> dict[str, Path]:
     """Write stage1_captions.json, stage2_vqa.json, slidebench_demo.csv and corpus.txt into `out_dir`."""
     rows = read_labels(labels)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "--out")
     rng = random.Random(seed)
     train = [r for r in rows if r["split"] == "train"]
     test = [r for r in rows if r["split"] == "test"]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 from preprocessing.stores import FeatureStoreIndex, read_slide_map
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
-from wsicore.files import write_json
+from wsicore.files import output_folder, write_json
 from wsicore.progress import Progress
 from wsicore.settings import add_arguments, from_arguments, setting
 from slidechat.benchmarks_io import (
@@ -269,8 +269,7 @@ def evaluate(benchmark: str | os.PathLike, features_dir: str | os.PathLike | Non
     finder = FeatureStoreIndex(features_dir, read_slide_map(slide_map) if slide_map else None)
     if model is None:
         model = load_model_on(model_dir, llm, device, dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "--out-dir")
     partial = out / PARTIAL_FILE
     key = _resume_key(benchmark, model_dir, llm, settings, limit, features_dir, slide_map)
     done = _read_partial(partial, key, log) if resume else {}

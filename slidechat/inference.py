@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from slidechat.model_card import demo_notice
 from slidechat.template import IMAGE_TOKEN
 from wsicore.cli import command_parser
 from wsicore.errors import InputError, UsageError
-from wsicore.files import input_file, write_json
+from wsicore.files import input_file, output_folder, write_json
 
 DEFAULT_CACHE = Path(os.environ.get("WSI_SLIDECHAT_CACHE", Path.home() / ".cache" / "wsi-slidechat"))
 MODEL_ENV = "SLIDECHAT_MODEL"  # the default of --model (SLIDECHAT_CHECKPOINT, its earlier name, is read too)
@@ -96,7 +97,7 @@ def _features_from_training(model_dir: Path) -> dict[str, Any]:
 def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:
     """Per-slide cache folder; a `source.json` guards against two different slides with the same name."""
     base = Path(work_dir) if work_dir else DEFAULT_CACHE / slide.stem
-    base.mkdir(parents=True, exist_ok=True)
+    output_folder(base, "--work-dir", "cache folder")
     st = slide.stat()
     source = {"path": str(slide.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     marker = base / "source.json"
@@ -115,6 +116,15 @@ def _slide_cache_dir(slide: Path, work_dir: str | os.PathLike | None) -> Path:
     return base
 
 
+def mpp_cache_suffix(mpp: float | None) -> str:
+    """What an --mpp override adds to the names of a slide's cache folders (`segmentation-at0.25mpp`, ...): it
+    changes the segmentation and the patch geometry, so its outputs are cached apart."""
+    return f"-at{mpp:g}mpp" if mpp else ""
+
+
+MPP_CACHE_SUFFIX = re.compile(r"-at[0-9.e+-]+mpp$")
+
+
 def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir: str | os.PathLike | None = None,
                   mpp: float | None = None, log=print) -> Path:
     """Segment, tile and extract one slide (each step reused when its output is already cached); returns
@@ -125,11 +135,12 @@ def prepare_slide(slide: str | os.PathLike, settings: FeatureSettings, work_dir:
 
     slide = input_file(slide, "slide", "--slide")
     cache = _slide_cache_dir(slide, work_dir)
-    seg_dir = cache / "segmentation"
+    at_mpp = mpp_cache_suffix(mpp)
+    seg_dir = cache / f"segmentation{at_mpp}"
     if not segmentation_paths(seg_dir, slide.stem)["mask"].exists():
         log(f"segmenting {slide.name} ...")
         segment_slide(slide, seg_dir, preset=settings.seg_preset, mpp=mpp)
-    tile_dir = cache / f"tiles-{settings.target_mpp:g}mpp-{settings.patch_size}px-{settings.min_tissue_fraction:g}"
+    tile_dir = cache / f"tiles-{settings.target_mpp:g}mpp-{settings.patch_size}px-{settings.min_tissue_fraction:g}{at_mpp}"
     coords = tile_dir / f"{slide.stem}.h5"
     if not coords.exists():
         log("tiling ...")

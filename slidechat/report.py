@@ -11,7 +11,7 @@ from typing import Any
 
 from wsicore.cli import command_parser
 from wsicore.errors import InputError
-from wsicore.files import atomic_path, read_json, write_text
+from wsicore.files import atomic_path, output_folder, read_json, write_text
 
 
 def _pct(x: float | None) -> str:
@@ -186,8 +186,7 @@ def write_report(metrics: dict[str, Any] | str | os.PathLike, out_dir: str | os.
         metrics = read_json(path, "metrics.json of `slidechat evaluate` or `score`", "--metrics")
         if not isinstance(metrics, dict) or "benchmark" not in metrics:
             raise InputError(f"{path}: not a metrics.json written by `slidechat evaluate` or `score` (option --metrics)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "--out-dir")
     png = plot_category_accuracy(metrics, out / "category_accuracy.png")
     md = render_markdown(metrics, png.name)
     write_text(out / "report.md", md + "\n")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from wsicore.cli import command_parser
-from wsicore.files import atomic_path, check_replaceable, input_file, jsonable, read_json, write_json
+from wsicore.files import atomic_path, check_replaceable, input_file, jsonable, output_folder, read_json, write_json
 from wsicore.progress import Progress
 from wsicore.settings import add_arguments, from_arguments, setting
 from wsicore.errors import EXIT_DIVERGED, ConfigError, InputError, UsageError, UserError
@@ -674,7 +674,7 @@ def setup(cfg: TrainConfig) -> Run:
         torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    output_folder(cfg.work_dir, "--work-dir")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)

@@ -502,3 +502,128 @@ def test_precision_and_memory_format(synth, tmp_path):
     assert c.attrs["precision"] == "bf16"
     rel = np.linalg.norm(c.features - reference) / np.linalg.norm(reference)
     assert 0 < rel < 0.05
+
+
+@pytest.fixture(scope="module")
+def cmu_coords(cmu_small, tmp_path_factory) -> Path:
+    return tile_slide(cmu_small, tmp_path_factory.mktemp("cmu_tiles"))
+
+
+def _edited_coords(src: Path, dst: Path, coords=None, attrs: dict | None = None) -> Path:
+    """A copy of coords file `src` with its coords dataset replaced and/or attributes changed (None deletes)."""
+    with h5py.File(src, "r") as f:
+        data = f["coords"][:] if coords is None else coords(f["coords"][:])
+        old = dict(f["coords"].attrs)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(dst, "w") as g:
+        d = g.create_dataset("coords", data=data)
+        for k, v in {**old, **(attrs or {})}.items():
+            if v is not None:
+                d.attrs[k] = v
+    return dst
+
+
+HOSTILE_COORDS = {
+    # a coords file that is not what tiling writes: refused naming the file, never read as something else
+    "three_columns": (lambda c: np.zeros((10, 3), np.int64), {}, "(N, 2)"),
+    "strings": (lambda c: np.array([b"a", b"b"]), {}, "not numbers"),
+    "nan": (lambda c: np.where(np.arange(len(c))[:, None] == 0, np.nan, c.astype(float)), {}, "finite"),
+    "fractional": (lambda c: c.astype(float) + 0.5, {}, "whole"),
+    "patch_size_0": (None, {"patch_size": 0}, "patch_size"),
+    "patch_size_text": (None, {"patch_size": "abc"}, "patch_size"),
+    "read_size_0": (None, {"read_size": 0}, "read_size"),
+    "read_size_negative": (None, {"read_size": -5}, "read_size"),
+    "read_size_huge": (None, {"read_size": 200_000, "patch_size": 200_000}, "read_size"),
+    "downsample_0": (None, {"read_downsample_xy": np.array([0.0, 0.0])}, "downsample"),
+    "downsample_nan": (None, {"read_downsample_xy": np.array([np.nan, np.nan])}, "downsample"),
+    # attributes that do not fit the slide they were paired with
+    "level_5": (None, {"read_level": 5, "patch_level": 5}, "level 5"),
+    "downsample_wrong": (None, {"read_downsample_xy": np.array([2.0, 2.0])}, "downsample"),
+    "outside": (lambda c: c + np.array([100_000, 0]), {}, "outside"),
+    "negative": (lambda c: c - np.array([5_000, 0]), {}, "outside"),
+    "int_overflow": (lambda c: np.full((3, 2), 2**62, np.int64), {}, "outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_COORDS))
+def test_hostile_coords_files_are_one_line_errors_before_anything_is_written(case, cmu_small, cmu_coords, tmp_path,
+                                                                             capsys):
+    from preprocessing.__main__ import main as dispatch
+
+    edit, attrs, needle = HOSTILE_COORDS[case]
+    bad = _edited_coords(cmu_coords, tmp_path / case / cmu_coords.name, edit, attrs)
+    out = tmp_path / "feats"
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(bad), "--encoder", "conch_tiny",
+                   "--out", str(out), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert str(bad) in lines[0] and needle in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir()), "a store was started from a coords file that was refused"
+
+
+def test_out_that_is_a_file_is_a_one_line_error(cmu_small, cmu_coords, tmp_path, capsys):
+    from preprocessing.__main__ import main as dispatch
+
+    not_a_dir = tmp_path / "features.txt"
+    not_a_dir.write_text("mine\n")
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(cmu_coords), "--encoder", "conch_tiny",
+                   "--out", str(not_a_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "features.txt" in err and "--out" in err, err
+    assert not_a_dir.read_text() == "mine\n"
+
+
+def test_a_folder_given_as_coords_file_is_named_as_a_folder(cmu_small, cmu_coords, tmp_path, capsys):
+    from preprocessing.__main__ import main as dispatch
+
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(cmu_coords.parent), "--encoder", "conch_tiny",
+                   "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "folder" in err and "--coords" in err and "not found" not in err, err
+
+
+def test_reader_processes_leave_no_traceback_and_no_shared_memory(cmu_small, cmu_coords, tmp_path):
+    """Readers attach to the batch ring the main process created; the resource tracker they share with it must
+    not be told twice that the segment is gone (it printed a KeyError traceback after every run with readers)."""
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    res = subprocess.run([sys.executable, "-m", "preprocessing", "extract", "--slide", str(cmu_small), "--coords",
+                          str(cmu_coords), "--encoder", "conch_tiny", "--out", str(tmp_path / "f"), "--num-workers", "2"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "KeyError" not in res.stderr, res.stderr
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not [n for n in after - before if n.startswith("psm_")], "a batch ring was left in /dev/shm"
+    # SIGKILL of the main process alone: the tracker it shares with the readers unlinks the ring
+    proc = subprocess.Popen([sys.executable, "-m", "preprocessing", "extract", "--slide", str(cmu_small), "--coords",
+                             str(cmu_coords), "--encoder", "conch_tiny", "--out", str(tmp_path / "k"), "--num-workers",
+                             "2", "--batch-size", "1", "--chunk-rows", "1"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    progress = tmp_path / "k" / ".CMU-1-Small-Region.zarr.partial.zarr" / ".progress"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            progress.is_dir() and any(p.name.isdigit() for p in progress.iterdir())):
+        time.sleep(0.05)
+    assert proc.poll() is None, "extraction ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("psm_")]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"batch ring {left} left in /dev/shm after the main process was killed"
+
+
+def test_an_mpp_override_that_contradicts_the_coords_is_refused_not_just_recorded(cmu_small, cmu_coords, tmp_path,
+                                                                                    capsys):
+    """The coords fix the geometry (tiled at the slide's 0.499 µm/px): a different --mpp at extraction cannot be
+    honoured, and recording it in the store beside mpp_level0 0.499 would make the store contradict itself."""
+    from preprocessing.__main__ import main as dispatch
+
+    rc = dispatch(["extract", "--slide", str(cmu_small), "--coords", str(cmu_coords), "--encoder", "conch_tiny",
+                   "--out", str(tmp_path / "f"), "--mpp", "0.25"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "--mpp" in err and str(cmu_coords) in err and "0.499" in err, err
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())

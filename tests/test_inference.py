@@ -179,3 +179,17 @@ def test_ask_on_a_given_store_with_old_flag_names_says_demo_and_refuses_other_fe
     err = capsys.readouterr().err
     assert f"{other}: made with encoder 'uni_v1'" in err and f"the model {model}" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+
+
+def test_the_slide_cache_is_keyed_by_the_mpp_override(cmu_small, tmp_path):
+    """`ask --mpp X` after a run without it (or with another value) must not reuse patches tiled at the other
+    µm/px: the cached coords fix the geometry, and reusing them answered at the wrong scale."""
+    from preprocessing.stores import load_features
+    from slidechat.inference import FeatureSettings, prepare_slide
+
+    fs = FeatureSettings(encoder="conch_tiny")
+    first = load_features(prepare_slide(cmu_small, fs, tmp_path, log=lambda m: None)).attrs
+    second = load_features(prepare_slide(cmu_small, fs, tmp_path, mpp=0.45, log=lambda m: None)).attrs
+    assert first["mpp_level0"] == pytest.approx(0.499) and first["mpp_override"] is None
+    assert second["mpp_level0"] == pytest.approx(0.45) and second["mpp_override"] == pytest.approx(0.45)
+    assert second["n_patches"] != first["n_patches"]

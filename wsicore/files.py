@@ -46,7 +46,7 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False, replaces: str | 
     final = Path(final)
     if is_dir:
         check_replaceable(final, replaces)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(final.parent, what=f"folder for {final.name}")
     prefix = f".{final.name}.tmp-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
@@ -126,6 +126,20 @@ def input_file(path: str | os.PathLike, what: str = "file", flag: str | None = N
         raise InputError(f"{what} not found: {p}{_where(flag)}")
     if p.is_dir():
         raise InputError(f"{p}: is a folder; expected {_a(what)}{_where(flag)}")
+    return p
+
+
+def output_folder(path: str | os.PathLike, flag: str | None = None, what: str = "output folder") -> Path:
+    """`path` as an existing folder, made with its parents if needed; a file in the way or a folder that cannot
+    be made is an InputError naming it and the flag, not a traceback."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{p}: is a file; expected {_a(what)}{_where(flag)}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, no permission, read-only file system
+        raise InputError(f"{p}: cannot make {_a(what)} here ({exc.strerror or exc}){_where(flag)}; "
+                         f"pass a folder you can write") from exc
     return p
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocessing.stores import read_store_attrs
+from slidechat.inference import MPP_CACHE_SUFFIX, mpp_cache_suffix
 from wsicore.errors import InputError
 
 # The slide formats the workflow discovers in a folder (config key slides.extensions).
@@ -150,8 +151,14 @@ class OutputFinder:
             places.append(([r / "segmentation" / f"{entry.slide_id}.geojson"], [r / "patches" / f"{entry.slide_id}.h5"],
                            sorted(r.glob(f"features/*/{sid}.zarr")) + sorted(r.glob(f"features/*/{sid}.h5"))))
         c = self.cache_of(entry)
-        places.append(([c / "segmentation" / f"{entry.path.stem}.geojson"], sorted(c.glob(f"tiles-*/{stem}.h5")),
-                       sorted(c.glob(f"features-*/{stem}.zarr"))))
+        at = mpp_cache_suffix(entry.mpp)  # `prepare_slide` caches what it made with an mpp override apart
+
+        def cached(pattern: str) -> list[Path]:
+            return sorted(p for p in c.glob(pattern) if (p.parent.name.endswith(at) if at else
+                                                         not MPP_CACHE_SUFFIX.search(p.parent.name)))
+
+        places.append(([c / f"segmentation{at}" / f"{entry.path.stem}.geojson"], cached(f"tiles-*/{stem}.h5"),
+                       cached(f"features-*/{stem}.zarr")))
         geojson = coords = store = None
         for geo_list, coord_list, stores in places:
             geojson = geojson or next((p for p in geo_list if p.is_file()), None)
