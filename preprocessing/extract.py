@@ -1024,6 +1024,9 @@ def main(argv: list[str]) -> int:
         if args.slide_id and len(args.slide) != 1:
             raise UsageError("--slide-id names one slide; give one --slide with it")
         jobs = [SlideJob(Path(s), Path(c), args.mpp) for s, c in zip(args.slide, args.coords)]
+        for job in jobs:  # a wrong path is said before the (slow) encoder is built
+            input_file(job.slide, "slide", "--slide")
+            input_file(job.coords, "coords file", "--coords")
     recorded = read_coords(jobs[0].coords).slide_id if args.slide_id else None
     if recorded != args.slide_id:
         raise StoreError(f"{jobs[0].coords} records slide {recorded!r}, not {args.slide_id!r} (option --slide-id); "

@@ -370,6 +370,7 @@ def check_coords_slide(coords_attrs: dict, ws: WholeSlide, coords_path: str | Pa
         checks.append((f"level-{level} size", tuple(level_dim), ws.level_dimensions[level]))
     differ = [f"{what} {'x'.join(map(str, want))} vs {'x'.join(map(str, got))}" for what, want, got in checks
               if None not in want and tuple(int(v) for v in want) != tuple(got)]
+    differ = list(dict.fromkeys(differ))  # at level 0, CLAM's level_dim is the level-0 size again
     if made and here and made != here:
         differ.insert(0, f"OpenSlide quickhash {made[:12]}... vs {here[:12]}...")
     if differ:

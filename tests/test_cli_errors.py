@@ -179,6 +179,9 @@ def _cases(p: dict[str, Path], slides: Path) -> list[tuple[str, list[str], list[
          ["notes.pt", "coords"]),
         ("preprocessing", ["extract", "--slide", cmu, "--coords", str(r / "absent.h5"), "--encoder", "conch_tiny",
                            "--out", out], ["absent.h5"]),
+        # the wrong path is named before the encoder (here one that needs weights) is built
+        ("preprocessing", ["extract", "--slide", str(r / "absent.svs"), "--coords", s["text"], "--encoder", "conch_v1",
+                           "--out", out], ["absent.svs", "--slide"]),
         ("preprocessing", ["extract", "--manifest", s["short_csv"], "--out", out], ["short.csv", "--manifest"]),
         ("preprocessing", ["extract", "--slide", cmu, "--out", out], ["--coords"]),
         ("preprocessing", ["extract", "--slide", cmu, "--coords", s["folder"], "--encoder", "conch_tiny", "--out", out],

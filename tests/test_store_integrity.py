@@ -38,6 +38,7 @@ def test_coords_of_another_slide_are_refused(cmu_coords: Path, tcga_jp2k_no_mpp:
     assert rc != 0 and len(err.strip().splitlines()) == 1
     assert f"{cmu_coords} was made from slide CMU-1-Small-Region, not from {tcga_jp2k_no_mpp}" in err
     assert "OpenSlide quickhash 6335ea0e6cc5... vs a07b51d43e29..." in err and "level-0 size 2220x2967 vs 4443x3567" in err
+    assert err.count("level-0 size") == 1  # CLAM's level_dim at level 0 is the same size: said once
     assert list(tmp_path.iterdir()) == []  # no store named CMU-1-Small-Region holding TCGA pixels
 
 
