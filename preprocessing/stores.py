@@ -220,6 +220,18 @@ class FeatureStoreIndex:
 PROVENANCE_KEYS = ("encoder", "checkpoint_sha256", "transform", "target_mpp", "patch_size")
 
 
+def _provenance(attrs: dict) -> dict:
+    return {k: attrs[k] for k in PROVENANCE_KEYS if attrs.get(k) is not None}
+
+
+def _differences(made: dict, ref: dict) -> tuple[str, str] | None:
+    """('key value, ...' of `made`, the same of `ref`) over the keys both record and that differ; None if none."""
+    keys = [k for k in made if k in ref and made[k] != ref[k]]
+    if not keys:
+        return None
+    return ", ".join(f"{k} {made[k]!r}" for k in keys), ", ".join(f"{k} {ref[k]!r}" for k in keys)
+
+
 class SameFeatures:
     """Checks that stores were made the same way (`PROVENANCE_KEYS`, as far as both record them), and, given
     `trained_on` (a model directory and the provenance its model card records), the way the model's training
@@ -228,34 +240,29 @@ class SameFeatures:
     def __init__(self, trained_on: tuple[str | Path, dict] | None = None) -> None:
         self.first: tuple[Path, dict] | None = None
         self.model: tuple[str, dict] | None = None
-        if trained_on is not None:
-            made = {k: trained_on[1][k] for k in PROVENANCE_KEYS if trained_on[1].get(k) is not None}
-            self.model = (str(trained_on[0]), made) if made else None
+        if trained_on is not None and _provenance(trained_on[1]):
+            self.model = (str(trained_on[0]), _provenance(trained_on[1]))
 
     def add(self, store: Path, attrs: dict) -> None:
-        made = {k: attrs[k] for k in PROVENANCE_KEYS if attrs.get(k) is not None}
+        made = _provenance(attrs)
         if not made:  # another tool's store records nothing
             return
         if self.model is not None:
-            model_dir, ref = self.model
-            keys = [k for k in made if k in ref and made[k] != ref[k]]
-            if keys:
+            differ = _differences(made, self.model[1])
+            if differ:
                 raise StoreError(
-                    f"{store}: made with {', '.join(f'{k} {made[k]!r}' for k in keys)}, but the model {model_dir} "
-                    f"was trained on features made with {', '.join(f'{k} {ref[k]!r}' for k in keys)} (its "
-                    "model_card.json); its answers on these features would be meaningless: evaluate on stores "
-                    "extracted as its training stores were")
+                    f"{store}: made with {differ[0]}, but the model {self.model[0]} was trained on features made "
+                    f"with {differ[1]} (its model_card.json); its answers on these features would be meaningless: "
+                    "use stores extracted as its training stores were")
         if self.first is None:
             self.first = (store, made)
             return
-        ref_store, ref = self.first
-        keys = [k for k in made if k in ref and made[k] != ref[k]]
-        if keys:
+        differ = _differences(made, self.first[1])
+        if differ:
             raise StoreError(
-                f"{store}: made with {', '.join(f'{k} {made[k]!r}' for k in keys)}, but {ref_store} with "
-                f"{', '.join(f'{k} {ref[k]!r}' for k in keys)}; the stores of one training set or evaluation must "
-                "come from one extraction (same encoder, checkpoint, transform and patch size): re-extract the odd "
-                "ones or keep them in another folder")
+                f"{store}: made with {differ[0]}, but {self.first[0]} with {differ[1]}; the stores of one training "
+                "set or evaluation must come from one extraction (same encoder, checkpoint, transform and patch "
+                "size): re-extract the odd ones or keep them in another folder")
 
 
 # --------------------------------------------------------------------------------------------------
