@@ -40,7 +40,7 @@ SIZE = 2048  # level-0 px at 0.25 µm/px: a 4 x 4 grid of 224 px patches at 0.5 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_llm):
+def served(tmp_path_factory, tiny_llm_one_layer):
     """Slides (one preprocessed into a results folder, three not), a tiny model, the state and the app."""
     root = tmp_path_factory.mktemp("serve")
     slides = root / "slides"
@@ -58,7 +58,7 @@ def served(tmp_path_factory, tiny_llm):
     extract_slide(slides / "ready-1.svs", coords, results / "features" / FEATURE_SET, encoder="conch_tiny",
                   transform="slidechat", num_workers=0)
 
-    llm = tiny_llm
+    llm = tiny_llm_one_layer
     torch.manual_seed(0)
     cfg = SlideChatConfig(encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4, segment_lengths=[16, 32],
                           dilated_ratios=[1, 2])
