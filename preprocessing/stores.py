@@ -240,8 +240,9 @@ class SameFeatures:
     def __init__(self, trained_on: tuple[str | Path, dict] | None = None) -> None:
         self.first: tuple[Path, dict] | None = None
         self.model: tuple[str, dict] | None = None
-        if trained_on is not None and _provenance(trained_on[1]):
-            self.model = (str(trained_on[0]), _provenance(trained_on[1]))
+        made = _provenance(trained_on[1]) if trained_on is not None else {}
+        if made:
+            self.model = (str(trained_on[0]), made)
 
     def add(self, store: Path, attrs: dict) -> None:
         made = _provenance(attrs)
@@ -358,11 +359,20 @@ def _numeric(p: Path, what: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def non_pixel_rows(coords: np.ndarray) -> np.ndarray:
+    """Rows of float (N, 2) coordinates that are not whole level-0 pixels an int64 holds (NaN, inf, fractions,
+    beyond 2**62): cast as they are, they would become other positions without a word."""
+    if coords.size == 0:
+        return np.empty(0, np.intp)
+    ok = np.isfinite(coords) & (coords == np.round(coords)) & (np.abs(coords) < 2**62)
+    return np.flatnonzero(~ok.reshape(len(coords), -1).all(axis=1))
+
+
 def _pixel_coords(p: Path, coords: np.ndarray) -> np.ndarray:
     """Another tool's coords as int64, refusing non-integral or non-finite positions and repeated patches."""
     coords = _numeric(p, "coords", coords)
     if coords.dtype.kind == "f":
-        bad = np.flatnonzero(~(np.isfinite(coords) & (coords == np.round(coords))).all(axis=1))
+        bad = non_pixel_rows(coords)
         if len(bad):
             raise StoreError(f"{p}: coords are not whole pixel positions at {len(bad)} row(s) (row {bad[0]}: "
                              f"{coords[bad[0]].tolist()}); not usable as patch coordinates")

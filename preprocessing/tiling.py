@@ -27,6 +27,7 @@ from wsicore.files import atomic_path, write_json
 from wsicore.settings import add_arguments, given, setting
 from preprocessing.overview import HOLE_RGB, PATCH_RGB, PATCH_TINT, TISSUE_RGB, load_overview, save_report_jpeg
 from preprocessing.slide import SlideError, WholeSlide, slide_id_from_path
+from preprocessing.stores import non_pixel_rows
 from preprocessing.tissue import (
     SegmentationParams,
     TissueMask,
@@ -344,12 +345,10 @@ def load_coords(h5_path: str | Path) -> tuple[np.ndarray, dict]:
                              f"(not a coordinates file); run tiling again")
         raw = dset[:]
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dset.attrs.items()}
-    if raw.dtype.kind == "f":  # CLAM, TRIDENT and we write integers; a float that is not one is never rounded
-        if not np.isfinite(raw).all():
-            raise InputError(f"{h5_path}: `coords` holds values that are not finite numbers (NaN or inf); "
-                             f"run tiling again")
-        if (raw != np.round(raw)).any() or np.abs(raw).max(initial=0) >= 2**62:
-            raise InputError(f"{h5_path}: `coords` holds values that are not whole level-0 pixels; run tiling again")
+    bad = non_pixel_rows(raw) if raw.dtype.kind == "f" else []  # CLAM, TRIDENT and we write integers
+    if len(bad):  # a float that is not one is never rounded
+        raise InputError(f"{h5_path}: `coords` holds values that are not finite, whole level-0 pixels at {len(bad)} "
+                         f"row(s) (row {bad[0]}: {raw.reshape(len(raw), -1)[bad[0]].tolist()}); run tiling again")
     coords = raw.astype(np.int64).reshape(-1, 2)
     for key in ("status", "slide_id", "name", "software"):
         if isinstance(attrs.get(key), bytes):
