@@ -421,7 +421,8 @@ def load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str,
               f"(model {expected[k].dtype})" for k in bad_dtype]
     # values are scanned only where shape and dtype fit the model: a tensor of another shape may be a huge
     # stride-0 view of a few bytes, which scanning would materialise
-    fits = [k for k in common if k not in set(bad_shape) | set(bad_dtype)]
+    unfit = set(bad_shape) | set(bad_dtype)
+    fits = [k for k in common if k not in unfit]
     nonfinite = [k for k in fits if _dtype_kind(state[k]) in ("float", "complex")
                  and not bool(torch.isfinite(state[k]).all())]
     problems = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in
